@@ -1,0 +1,95 @@
+"""Pretrain a ViT (or BiT / hybrid) with the paper's recipe.
+
+    python launch/pretrain.py --model ViT-L/16 --dataset JFT-300M --epochs 14 --print-config
+    python launch/pretrain.py --dry-run
+
+Flags map to config fields; every flag given wins over the recipe and is listed in the
+config's `overrides`. Usage and config errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from orchestrator.config import ConfigError, resolve_pretrain_config  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _setting(text: str) -> tuple[str, object]:
+    field, sep, raw = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"--set wants FIELD=VALUE, got {text!r}")
+    try:
+        return field, json.loads(raw)
+    except json.JSONDecodeError:
+        return field, raw  # a bare string such as a model name
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _OneLineParser(prog="pretrain.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a model name from the recipe table, e.g. ViT-B/16 (default with --dry-run: ViT-B/16)")
+    p.add_argument("--dataset", help="JFT-300M, ImageNet-21k or ImageNet (default with --dry-run: JFT-300M)")
+    p.add_argument("--epochs", type=int, help="epochs (the table's default otherwise)")
+    p.add_argument("--base-lr", type=float, dest="base_lr", help="base learning rate for the global batch")
+    p.add_argument("--data", help="training shards: a folder or s3://bucket/prefix")
+    p.add_argument("--checkpoints", help="where checkpoints go: a folder or s3://bucket/prefix")
+    p.add_argument("--workers", type=int, help="training workers (Ray Train workers)")
+    p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker")
+    p.add_argument("--micro-batch", type=int, dest="micro_batch_size", help="per-worker batch per forward")
+    p.add_argument("--zero-stage", type=int, dest="zero_stage", help="DeepSpeed ZeRO stage (0-3)")
+    p.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many optimizer steps")
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="steps between checkpoints")
+    p.add_argument("--objective", help="supervised or masked-patch")
+    p.add_argument("--no-finetune", action="store_false", dest="finetune", default=None,
+                   help="stop after pretraining (no fine-tuning fan-out)")
+    p.add_argument("--set", action="append", type=_setting, default=[], metavar="FIELD=VALUE",
+                   help="override any other config field (repeatable; VALUE is JSON or a bare string)")
+    p.add_argument("--dry-run", action="store_true", help="the recipe's debug twin, on this machine")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in {"model", "dataset", "set", "dry_run", "print_config"}}
+    for field, value in args.set:
+        overrides[field] = value
+    model = args.model or ("ViT-B/16" if args.dry_run else None)
+    dataset = args.dataset or ("JFT-300M" if args.dry_run else None)
+    try:
+        if model is None or dataset is None:
+            raise ConfigError("--model and --dataset are required (they default only with --dry-run)")
+        config = resolve_pretrain_config(model, dataset, overrides, dry_run=args.dry_run)
+    except ConfigError as err:
+        print(f"pretrain.py: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.print_config:
+        print(config.model_dump_json(indent=2))
+        return 0
+    if config.epochs not in config.epochs_in_table and not config.dry_run:
+        print(f"note: epochs={config.epochs} is not in the table for {config.recipe_model} on "
+              f"{config.dataset} (table: {'/'.join(map(str, config.epochs_in_table))})", file=sys.stderr)
+    print("config: " + config.model_dump_json())
+    if config.dry_run:
+        from orchestrator import dry_run
+
+        dry_run.run(config)
+        return 0
+    print("pretrain.py: distributed pretraining (Ray + DeepSpeed) is not built yet; "
+          "--print-config and --dry-run work", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""launch/pretrain.py as users run it: a subprocess from the repository root."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "launch", "pretrain.py")
+
+
+def pretrain(*args, timeout=120):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_print_config_resolves_the_recipe_and_touches_nothing_else():
+    # Run it in a fresh interpreter and look at what it imported: no Ray, DeepSpeed, S3 or CUDA.
+    probe = (
+        "import runpy, sys; sys.argv = [sys.argv[0], '--model', 'ViT-L/16', '--dataset', 'JFT-300M', "
+        "'--epochs', '14', '--print-config']\n"
+        "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "loaded = sorted(m for m in ('ray', 'deepspeed', 'boto3', 'botocore') if m in sys.modules)\n"
+        "import torch\nprint('LOADED', loaded, torch.cuda.is_initialized())\n" % SCRIPT
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    text, last = out.stdout.rsplit("LOADED", 1)
+    assert last.strip() == "[] False"
+    config = json.loads(text)
+    assert config["model"] == "ViT-L/16" and config["dataset"] == "JFT-300M"
+    assert (config["epochs"], config["base_lr"], config["lr_decay"]) == (14, 4e-4, "linear")
+    assert (config["weight_decay"], config["dropout"], config["global_batch_size"], config["warmup_steps"]) == (
+        0.1, 0.0, 4096, 10_000,
+    )
+    assert config["overrides"] == ["epochs"]
+
+
+def test_flags_override_and_show_up_in_the_config():
+    out = pretrain("--model", "ViT-B/16", "--dataset", "ImageNet", "--workers", "64", "--micro-batch", "16",
+                   "--zero-stage", "3", "--base-lr", "0.001", "--set", "seed=7", "--no-finetune", "--print-config")
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    assert (config["workers"], config["micro_batch_size"], config["gradient_accumulation_steps"]) == (64, 16, 4)
+    assert (config["zero_stage"], config["base_lr"], config["seed"], config["finetune"]) == (3, 0.001, 7, False)
+    assert set(config["overrides"]) == {"workers", "micro_batch_size", "zero_stage", "base_lr", "seed", "finetune"}
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--model", "ViT-Z/16", "--dataset", "ImageNet"], ["ViT-Z/16", "ViT-B/16"]),
+        (["--model", "ViT-B/16", "--dataset", "Places365"], ["Places365", "JFT-300M"]),
+        (["--model", "R152x2", "--dataset", "ImageNet-21k"], ["R152x2", "JFT-300M"]),
+        (["--model", "ViT-B/16", "--dataset", "ImageNet", "--base-lr", "-0.003"], ["base_lr=-0.003"]),
+        (["--model", "ViT-B/16", "--dataset", "ImageNet", "--workers", "3"], ["4096", "3 x 32"]),
+        (["--model", "ViT-B/16", "--dataset", "ImageNet", "--workers", "two"], ["--workers", "'two'"]),
+        (["--model", "ViT-B/16", "--dataset", "ImageNet", "--set", "colour=blue"], ["'colour'", "base_lr"]),
+        (["--model", "ViT-B/16", "--dataset", "ImageNet", "--frobnicate"], ["--frobnicate"]),
+        (["--dataset", "ImageNet"], ["--model"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(args, named):
+    out = pretrain(*args, "--print-config")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    for text in named:
+        assert text in lines[0]
+
+
+def test_cli_surface_is_frozen():
+    """New knobs belong in the config (reachable with --set), not in new flags."""
+    out = pretrain("--help")
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", out.stdout))
+    assert flags == {
+        "--help", "--model", "--dataset", "--epochs", "--base-lr", "--data", "--checkpoints", "--workers",
+        "--gpus-per-worker", "--micro-batch", "--zero-stage", "--max-steps", "--checkpoint-every",
+        "--objective", "--no-finetune", "--set", "--dry-run", "--print-config",
+    }
+
+
+def test_dry_run_runs_what_exists_and_says_what_does_not():
+    out = pretrain("--dry-run", "--max-steps", "30", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "not built yet" in out.stdout
+    losses = [float(x) for x in re.findall(r"^step +\d+ +loss (\S+)", out.stdout, re.MULTILINE)]
+    assert len(losses) >= 3
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_training_without_dry_run_refuses_honestly():
+    out = pretrain("--model", "ViT-B/16", "--dataset", "ImageNet")
+    assert out.returncode == 1
+    assert "not built yet" in out.stderr
