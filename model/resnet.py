@@ -1,0 +1,129 @@
+"""BiT ResNets (Kolesnikov et al., arXiv:1912.11370) and the R50 backbone of the ViT hybrids.
+
+Both use Group Normalization (32 groups) and Weight Standardization in every conv. BiT
+uses pre-activation bottlenecks (ResNet-v2); the hybrid backbone of the ViT paper's official
+code uses post-activation bottlenecks (conv -> GN -> ReLU, ReLU after the residual sum), and
+so does timm's port of it, so checkpoints of either load into the matching variant.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d whose weights are standardised (zero mean, unit variance per output channel) in forward."""
+
+    def __init__(self, *args, eps: float = 1e-8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return self._conv_forward(x, (self.weight - mean) / torch.sqrt(var + self.eps), self.bias)
+
+
+class PreActBottleneck(nn.Module):
+    """BiT unit: GN -> ReLU -> conv1x1 -> GN -> ReLU -> conv3x3 (stride) -> GN -> ReLU -> conv1x1, + shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, eps: float):
+        super().__init__()
+        mid = out_channels // 4
+        self.norm1 = nn.GroupNorm(32, in_channels)
+        self.conv1 = StdConv2d(in_channels, mid, 1, bias=False, eps=eps)
+        self.norm2 = nn.GroupNorm(32, mid)
+        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, bias=False, eps=eps)
+        self.norm3 = nn.GroupNorm(32, mid)
+        self.conv3 = StdConv2d(mid, out_channels, 1, bias=False, eps=eps)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = StdConv2d(in_channels, out_channels, 1, stride=stride, bias=False, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = F.relu(self.norm1(x))
+        # The projection sees the normalised input, the identity shortcut the raw one (as BiT).
+        shortcut = self.downsample(x_preact) if self.downsample is not None else x
+        y = self.conv1(x_preact)
+        y = self.conv2(F.relu(self.norm2(y)))
+        y = self.conv3(F.relu(self.norm3(y)))
+        return y + shortcut
+
+
+class Bottleneck(nn.Module):
+    """Post-activation unit of the hybrid backbone: conv -> GN -> ReLU twice, conv -> GN, ReLU(sum)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, eps: float):
+        super().__init__()
+        mid = out_channels // 4
+        self.conv1 = StdConv2d(in_channels, mid, 1, bias=False, eps=eps)
+        self.norm1 = nn.GroupNorm(32, mid)
+        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, bias=False, eps=eps)
+        self.norm2 = nn.GroupNorm(32, mid)
+        self.conv3 = StdConv2d(mid, out_channels, 1, bias=False, eps=eps)
+        self.norm3 = nn.GroupNorm(32, out_channels)
+        nn.init.zeros_(self.norm3.weight)  # each unit starts as the identity, as in the original
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                StdConv2d(in_channels, out_channels, 1, stride=stride, bias=False, eps=eps),
+                nn.GroupNorm(32, out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = F.relu(self.norm2(self.conv2(y)))
+        return F.relu(self.norm3(self.conv3(y)) + shortcut)
+
+
+class ResNetFeatures(nn.Module):
+    """Root + bottleneck stages: (N, 3, H, W) -> (N, out_channels, H / stride, W / stride).
+
+    Args:
+        block_counts: units per stage; stage i has 256 * width_factor * 2**i output channels
+            and halves the resolution, except the first.
+        preact: BiT pre-activation units, with the final GN + ReLU that pre-activation needs
+            before anything reads the features; else the hybrid's post-activation units.
+        eps: Weight Standardization epsilon.
+    """
+
+    def __init__(self, block_counts: tuple[int, ...], width_factor: int = 1, preact: bool = True, eps: float = 1e-8):
+        super().__init__()
+        root_width = 64 * width_factor
+        root = [StdConv2d(3, root_width, 7, stride=2, padding=3, bias=False, eps=eps)]
+        if not preact:
+            root += [nn.GroupNorm(32, root_width), nn.ReLU()]
+        # BiT pads with zeros, not -inf, before the max pool.
+        root += [nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, stride=2)]
+        self.root = nn.Sequential(*root)
+
+        unit = PreActBottleneck if preact else Bottleneck
+        stages, in_channels = [], root_width
+        for index, count in enumerate(block_counts):
+            out_channels = 256 * width_factor * 2**index
+            stride = 1 if index == 0 else 2
+            units = [unit(in_channels, out_channels, stride, eps)]
+            units += [unit(out_channels, out_channels, 1, eps) for _ in range(count - 1)]
+            stages.append(nn.Sequential(*units))
+            in_channels = out_channels
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.Sequential(nn.GroupNorm(32, in_channels), nn.ReLU()) if preact else nn.Identity()
+        self.out_channels = in_channels
+        self.stride = 4 * 2 ** (len(block_counts) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self.root(x)))
+
+
+class ResNetV2(nn.Module):
+    """BiT classifier: pre-activation ResNet features, global average pool, zero-initialised linear head."""
+
+    def __init__(self, *, block_counts: tuple[int, ...], width_factor: int, num_classes: int):
+        super().__init__()
+        self.features = ResNetFeatures(block_counts, width_factor, preact=True)
+        self.head = nn.Linear(self.features.out_channels, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images).mean(dim=(2, 3)))

@@ -1,0 +1,119 @@
+"""ViT, BiT and hybrid building blocks on CPU: structure, initialisation, dropout, weight standardisation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import StdConv2d, VisionTransformer, build_model
+from model.resnet import ResNetFeatures
+
+
+def mu_model(**options):
+    return build_model("ViT-Mu/4", num_classes=10, image_size=32, **options)
+
+
+def test_fresh_model_predicts_zero_logits():
+    torch.manual_seed(0)
+    logits = mu_model()(torch.randn(3, 3, 32, 32))
+    assert torch.equal(logits, torch.zeros(3, 10))
+
+
+def test_initialisation():
+    torch.manual_seed(0)
+    model = build_model("ViT-S/16", num_classes=10, image_size=224)
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.05)
+    mlp_bias = model.blocks[0].mlp.fc1.bias
+    assert 0 < mlp_bias.abs().max().item() < 1e-4
+    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros_like(model.blocks[0].attn.qkv.bias))
+    qkv = model.blocks[0].attn.qkv.weight  # xavier-uniform bound sqrt(6 / (fan_in + fan_out))
+    assert qkv.abs().max().item() == pytest.approx((6 / (384 + 3 * 384)) ** 0.5, rel=0.01)
+
+
+def test_pre_ln_block_order():
+    model = mu_model()
+    block = model.blocks[0]
+    x = torch.randn(2, 65, 64)
+    attn_out = block.attn(block.norm1(x))
+    expected = x + attn_out
+    expected = expected + block.mlp(block.norm2(expected))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_attention_matches_a_reference_multi_head_attention():
+    torch.manual_seed(0)
+    attention = mu_model().blocks[0].attn
+    x = torch.randn(2, 5, 64)
+    q, k, v = attention.qkv(x).split(64, dim=-1)
+    heads = lambda t: t.reshape(2, 5, 2, 32).transpose(1, 2)  # noqa: E731
+    weights = (heads(q) @ heads(k).transpose(-1, -2) / 32**0.5).softmax(-1)
+    expected = attention.proj((weights @ heads(v)).transpose(1, 2).reshape(2, 5, 64))
+    torch.testing.assert_close(attention(x), expected)
+
+
+def test_forward_is_the_class_token_through_final_norm_and_head():
+    torch.manual_seed(0)
+    model = build_model("ViT-Mu/4", num_classes=5, image_size=32, representation_size=16)
+    nn.init.normal_(model.head.weight)
+    images = torch.randn(2, 3, 32, 32)
+    patches = F.conv2d(images, model.patch_embed.weight, model.patch_embed.bias, stride=4).flatten(2).transpose(1, 2)
+    x = torch.cat([model.cls_token.expand(2, -1, -1), patches], 1) + model.pos_embed
+    x = model.norm(model.blocks(x))
+    expected = model.head(torch.tanh(model.pre_logits[0](x[:, 0])))
+    torch.testing.assert_close(model(images), expected)
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    model = mu_model(dropout=0.5)
+    nn.init.normal_(model.head.weight)
+    images = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(model.train()(images), model(images))
+    model.eval()
+    torch.testing.assert_close(model(images), model(images))
+    # after position embeddings, after attention projection, after each MLP dense layer (shared module)
+    assert model.pos_dropout.p == model.blocks[0].attn.proj_dropout.p == model.blocks[0].mlp.dropout.p == 0.5
+
+
+def test_std_conv_ignores_the_scale_and_offset_of_each_filter():
+    torch.manual_seed(0)
+    conv = StdConv2d(4, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 6, 6)
+    before = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(8, 1, 1, 1) * 5 + 0.1).add_(torch.randn(8, 1, 1, 1))
+    torch.testing.assert_close(conv(x), before, rtol=1e-4, atol=1e-4)
+    # and differs from a plain conv with the same weights
+    assert not torch.allclose(F.conv2d(x, conv.weight, padding=1), conv(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("preact", [True, False])
+def test_resnet_features_stride_and_channels(preact):
+    features = ResNetFeatures((1, 1, 1), width_factor=1, preact=preact)
+    out = features(torch.randn(2, 3, 64, 64))
+    assert (features.stride, features.out_channels) == (16, 1024)
+    assert out.shape == (2, 1024, 4, 4)
+    assert (out >= 0).all()  # both end in a ReLU: BiT's final GN+ReLU, the hybrid's post-activation
+
+
+def test_resnets_use_group_norm_32_and_std_conv_everywhere():
+    model = build_model("R50x2", num_classes=10, device="meta")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    assert convs and all(isinstance(m, StdConv2d) for m in convs)
+    assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for m in norms)
+    assert model.features.root[0].out_channels == 128  # x2 doubles the root width too
+
+
+def test_small_hybrid_runs_on_cpu():
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=64, patch_size=1, width=32, depth=1, mlp_dim=64, num_heads=2, num_classes=3,
+        backbone=ResNetFeatures((1, 1), preact=False),
+    )  # fmt: skip
+    assert model.num_patches == (64 // 8) ** 2
+    nn.init.normal_(model.head.weight)
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    assert model.backbone.root[0].weight.grad.abs().sum() > 0
