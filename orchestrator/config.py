@@ -164,6 +164,7 @@ def resolve_pretrain_config(
         _recipe_row(values["model"], dataset)  # the twin must be able to take this row
     values.update(overrides)
     values["representation_size"] = overrides.get("representation_size", _pre_logits_width(values["model"]))
+    _check_model_options(values)
     values["loss"] = _loss(values)
     values["overrides"] = tuple(sorted(overrides))
     values["micro_batch_size"] = values["micro_batch_size"] or _default_micro_batch(values)
@@ -207,6 +208,16 @@ def _pre_logits_width(model: str) -> int | None:
     """ViTs and hybrids pretrain with a tanh pre-logits layer of width D (PAPER.md); ResNets have none."""
     spec = model_spec(model)
     return None if spec.family == "resnet" else spec.width
+
+
+def _check_model_options(values: dict[str, Any]) -> None:
+    """Options a model family cannot take, caught here rather than inside a worker."""
+    family = model_spec(values["model"]).family
+    if values.get("objective") == "masked-patch" and family != "vit":
+        vits = ", ".join(m for m in recipes.pretrain_models() if model_spec(m).family == "vit")
+        raise ConfigError(f"objective='masked-patch' needs a plain ViT, not {values['model']!r}; valid models: {vits}")
+    if family == "resnet" and values["dropout"]:
+        raise ConfigError(f"invalid dropout={values['dropout']!r}: the ResNet {values['model']} has no dropout; valid: 0.0")
 
 
 def _loss(values: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from model import build_model
+from model import build_model, masked_patch_loss, patch_color_targets, random_patch_mask
 from orchestrator.config import PretrainConfig
 from orchestrator.objectives import classification_loss
 from orchestrator.schedule import learning_rate
@@ -38,6 +38,14 @@ def learnable_batch(config: PretrainConfig, batch_size: int, generator: torch.Ge
     return images, targets
 
 
+def objective_loss(model, config: PretrainConfig, images, targets, generator) -> torch.Tensor:
+    if config.objective == "masked-patch":  # labels unused: predict masked patches' colours
+        mask = random_patch_mask(images.shape[0], model.num_patches, generator=generator)
+        colours = patch_color_targets(images.clamp(-1, 1), model.patch_size)
+        return masked_patch_loss(model.forward_masked(images, mask, generator), colours, mask)
+    return classification_loss(model(images), targets, multi_label=config.multi_label)
+
+
 def run(config: PretrainConfig, log=print) -> list[float]:
     """Train the debug twin locally for `config.steps` steps; returns the losses."""
     torch.manual_seed(config.seed)
@@ -47,6 +55,7 @@ def run(config: PretrainConfig, log=print) -> list[float]:
         image_size=config.image_size,
         representation_size=config.representation_size,
         dropout=config.dropout,
+        masked_patch_prediction=config.objective == "masked-patch",
     )
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -69,7 +78,7 @@ def run(config: PretrainConfig, log=print) -> list[float]:
                 decay=config.lr_decay,
             )
         images, targets = learnable_batch(config, config.global_batch_size, generator)
-        loss = classification_loss(model(images), targets, multi_label=config.multi_label)
+        loss = objective_loss(model, config, images, targets, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)

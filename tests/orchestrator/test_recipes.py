@@ -134,6 +134,9 @@ def test_dry_run_resolves_the_tiny_twin_and_overrides_still_win():
         ("ViT-B/16", "ImageNet", {"objective": "mae"}, ["objective='mae'", "masked-patch"]),
         ("ViT-B/16", "ImageNet", {"learning_rate": 1}, ["'learning_rate'", "base_lr"]),
         ("ViT-B/16", "ImageNet", {"total_steps": 5}, ["'total_steps'"]),
+        ("R50x1", "JFT-300M", {"objective": "masked-patch"}, ["'R50x1'", "ViT-B/16"]),
+        ("R50+ViT-B/16", "JFT-300M", {"objective": "masked-patch"}, ["'R50+ViT-B/16'", "ViT-L/16"]),
+        ("R50x1", "JFT-300M", {"dropout": 0.1}, ["dropout=0.1", "0.0"]),
     ],
 )
 def test_bad_input_is_one_line_naming_the_value_and_the_choices(model, dataset, overrides, named):
