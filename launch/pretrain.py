@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from orchestrator.config import ConfigError, resolve_pretrain_config  # noqa: E402
 
-EXIT_USAGE = 2
+EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -80,15 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     if config.epochs not in config.epochs_in_table and not config.dry_run:
         print(f"note: epochs={config.epochs} is not in the table for {config.recipe_model} on "
               f"{config.dataset} (table: {'/'.join(map(str, config.epochs_in_table))})", file=sys.stderr)
-    print("config: " + config.model_dump_json())
-    if config.dry_run:
-        from orchestrator import dry_run
+    print("config: " + config.model_dump_json(), flush=True)
+    from orchestrator import dry_run, pretraining
 
-        dry_run.run(config)
-        return 0
-    print("pretrain.py: distributed pretraining (Ray + DeepSpeed) is not built yet; "
-          "--print-config and --dry-run work", file=sys.stderr)
-    return 1
+    try:
+        if config.dry_run:
+            dry_run.run(config)
+        else:
+            pretraining.run_pretraining(config)
+            print("the fine-tuning fan-out is not built yet: pretraining only", flush=True)
+    except ConfigError as err:  # preflight: data, checkpoint location, cluster resources
+        print(f"pretrain.py: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except pretraining.TrainingError as err:
+        print(f"pretrain.py: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 if __name__ == "__main__":

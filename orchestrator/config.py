@@ -11,13 +11,17 @@ always wins and is listed in `overrides`) and validates the result. Every proble
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model import model_spec
 from orchestrator import recipes
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class ConfigError(ValueError):
@@ -38,6 +42,8 @@ DRY_RUN = {
     "train_examples": 2048,
     "max_steps": 40,
     "checkpoint_every": 20,
+    "data_workers": 1,
+    "log_every": 5,
 }
 
 
@@ -84,13 +90,29 @@ class PretrainConfig(BaseModel):
     seed: int = 0
 
     # Where things live, and what to do after.
+    run_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")  # a folder under `checkpoints`
     data: str | None = None
-    checkpoints: str | None = None
+    data_workers: int = Field(default=8, ge=0)  # DataLoader processes per training worker
+    checkpoints: str | None = None  # checkpoints go to <checkpoints>/<run_name>/checkpoints/
     checkpoint_every: int = Field(default=1000, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)  # the newest K committed ones
+    keep_checkpoint_every: int = Field(default=0, ge=0)  # plus every step divisible by this
+    max_failures: int = Field(default=3, ge=-1)  # Ray Train worker-group restarts (-1: no limit)
+    log_every: int = Field(default=10, gt=0)
     finetune: bool = True
     dry_run: bool = False
     recipe_model: str  # the table row the settings come from (a debug twin's paper twin)
     overrides: tuple[str, ...] = ()  # fields set explicitly, winning over the recipe
+
+    @field_validator("data", "checkpoints")
+    @classmethod
+    def _bucket_name_is_valid(cls, url: str | None) -> str | None:
+        if url and url.startswith("s3://"):
+            bucket = url[len("s3://"):].partition("/")[0]
+            if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+                raise ValueError(f"bucket name {bucket!r} is not a valid S3 bucket name "
+                                 f"(3-63 lowercase letters, digits, '.' and '-')")
+        return url
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> "PretrainConfig":
@@ -158,6 +180,7 @@ def resolve_pretrain_config(
         "micro_batch_size": None,
         "gpus_per_worker": 1.0,
         "recipe_model": recipes.DEBUG_TWINS.get(model, model),
+        "run_name": None,
     }
     if dry_run:
         values.update(DRY_RUN, gpus_per_worker=0.0, dry_run=True)
@@ -165,6 +188,7 @@ def resolve_pretrain_config(
     values.update(overrides)
     values["representation_size"] = overrides.get("representation_size", _pre_logits_width(values["model"]))
     _check_model_options(values)
+    values["run_name"] = values["run_name"] or _default_run_name(values)
     values["loss"] = _loss(values)
     values["overrides"] = tuple(sorted(overrides))
     values["micro_batch_size"] = values["micro_batch_size"] or _default_micro_batch(values)
@@ -208,6 +232,12 @@ def _pre_logits_width(model: str) -> int | None:
     """ViTs and hybrids pretrain with a tanh pre-logits layer of width D (PAPER.md); ResNets have none."""
     spec = model_spec(model)
     return None if spec.family == "resnet" else spec.width
+
+
+def _default_run_name(values: dict[str, Any]) -> str:
+    """Deterministic, so that the same command resumes the same run: "vit-b-16-jft-300m"."""
+    name = f"{values['model']}-{values['dataset']}" + ("-dry-run" if values.get("dry_run") else "")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _check_model_options(values: dict[str, Any]) -> None:

@@ -1,0 +1,65 @@
+"""Before any training starts: is the data there, complete, and readable with these credentials?
+
+    python -m data_pipelines.preflight s3://bucket/prefix [--sha256]    # one line; exit 2 on failure
+
+`check_readable` lists the location once and compares it with the manifest: a missing
+bucket, wrong credentials, an empty prefix, a missing shard or a shard whose size differs
+from the manifest (truncated or rewritten) each raise `DataSourceError` with one line that
+names the URL and never a secret. `check_writable` does the same for an output location
+(the bucket answers, or the folder can be created).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+from data_pipelines.manifest import Manifest, load_shard_list
+from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, join_location, parse_s3_url
+from data_pipelines.storage import list_names, read_bytes
+
+
+def check_readable(source: str, factory: S3ClientFactory | None = None, *, verify_sha256: bool = False) -> Manifest:
+    """The manifest of `source` once every shard it lists is present at its recorded size."""
+    base, manifest = load_shard_list(source, factory)
+    if not manifest.shards:
+        raise DataSourceError(f"{source}: the manifest lists no shards")
+    present = dict(list_names(base, factory))
+    for shard in manifest.shards:
+        url = join_location(base, shard.name)
+        if shard.name not in present:
+            raise DataSourceError(f"{url}: missing (the manifest lists it)")
+        if present[shard.name] != shard.bytes:
+            raise DataSourceError(f"{url}: {present[shard.name]} bytes, the manifest says {shard.bytes} (truncated or rewritten)")
+        if verify_sha256 and shard.sha256 and hashlib.sha256(read_bytes(url, factory)).hexdigest() != shard.sha256:
+            raise DataSourceError(f"{url}: sha256 differs from the manifest")
+    return manifest
+
+
+def check_writable(destination: str, factory: S3ClientFactory | None = None) -> None:
+    """Raise `DataSourceError` unless the bucket exists and answers, or the folder can be created."""
+    if is_s3_url(destination):
+        location = parse_s3_url(destination)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            (factory or S3ClientFactory()).client().head_bucket(Bucket=location.bucket)
+        except (ClientError, BotoCoreError) as error:
+            raise DataSourceError(describe_client_error(error, f"s3://{location.bucket}")) from None
+        return
+    try:
+        os.makedirs(destination, exist_ok=True)
+    except OSError as error:
+        raise DataSourceError(f"{destination}: {error.strerror}") from None
+    if not os.access(destination, os.W_OK):
+        raise DataSourceError(f"{destination}: not writable")
+
+
+if __name__ == "__main__":
+    try:
+        found = check_readable(sys.argv[1], verify_sha256="--sha256" in sys.argv[2:])
+    except DataSourceError as error:
+        print(f"preflight: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{sys.argv[1]}: {len(found.shards)} shards, {found.total_samples} samples, {len(found.class_names)} classes")

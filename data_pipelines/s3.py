@@ -1,0 +1,174 @@
+"""S3 access: URL parsing, a picklable boto3 client factory, and clear one-line errors.
+
+    python -m data_pipelines.storage s3://bucket/prefix   # list a prefix with this configuration
+
+Configuration is boto3's standard chain and nothing else: `AWS_ENDPOINT_URL` (or
+`AWS_ENDPOINT_URL_S3`, or `endpoint_url` in the profile), `AWS_PROFILE` / a named profile,
+environment credentials, the shared credentials file, instance or pod IAM roles. The retry
+mode is `standard` unless `AWS_RETRY_MODE` (or the profile) says `adaptive`.
+
+Paths are plain `str`: `s3://bucket/prefix` is S3, anything else is a local folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+class DataSourceError(Exception):
+    """The data location cannot be used: one line that says what and where, never a secret."""
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # no leading slash; "" for the bucket root; joined with "/" by `key`
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{name}" if self.prefix.strip("/") else name
+
+    def url(self, name: str = "") -> str:
+        return f"s3://{self.bucket}/{self.key(name) if name else self.prefix}"
+
+
+def is_s3_url(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """`s3://bucket/some/prefix` -> S3Location("bucket", "some/prefix")."""
+    if not is_s3_url(url):
+        raise DataSourceError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise DataSourceError(f"no bucket in {url!r}")
+    return S3Location(bucket, prefix.strip("/"))
+
+
+def join_location(url: str, name: str) -> str:
+    """A file name inside a folder or prefix, as a str (pathlib would mangle `s3://`)."""
+    if is_s3_url(url):
+        return parse_s3_url(url).url(name)
+    return os.path.join(url, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3ClientFactory:
+    """Makes boto3 S3 clients from the standard configuration, one per process.
+
+    Holds only plain settings, so it pickles into Ray workers and DataLoader workers; the
+    client itself is created lazily in whichever process first asks (boto3 clients must not
+    cross a fork). Explicit keys are for tests and the embedded server only; in production
+    leave them None and let boto3 find credentials. `repr` never shows the secret.
+    """
+
+    endpoint_url: str | None = None
+    profile: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+    max_pool_connections: int = 32
+
+    def client(self):
+        cache = _process_clients()
+        client = cache.get(self)
+        if client is None:
+            with _clients_lock:  # botocore sessions are not thread-safe while making clients
+                client = cache.get(self)
+                if client is None:
+                    client = cache[self] = self._new_client()
+        return client
+
+    def _new_client(self):
+        import boto3
+        import botocore.session
+        from botocore.config import Config
+
+        # The session (configuration, credential chain, parsed service models) is kept across
+        # forks: a DataLoader worker then makes its client in ~5 ms instead of ~70 ms. The
+        # client, which owns the connections, is always this process's own.
+        session = _sessions.get(self)
+        if session is None:
+            # One boto3 session per factory: boto3 registers its handlers on the botocore
+            # session it wraps, so wrapping the same botocore session twice would register
+            # them twice ("Cannot inject class attribute upload_file").
+            session = _sessions[self] = boto3.session.Session(
+                botocore_session=botocore.session.Session(profile=self.profile),
+                aws_access_key_id=self.access_key_id,
+                aws_secret_access_key=self.secret_access_key,
+                region_name=self.region,
+            )
+        core = session._session
+        # AWS_RETRY_MODE / the profile's retry_mode win; botocore's own default, "legacy", does not.
+        retry_mode = core.get_config_variable("retry_mode")
+        config = Config(
+            retries={
+                "mode": retry_mode if retry_mode in ("standard", "adaptive") else "standard",
+                "max_attempts": int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS),
+            },
+            max_pool_connections=self.max_pool_connections,
+            region_name=None if session.region_name else "us-east-1",
+            # Path-style addressing works with every S3-compatible server behind a custom endpoint.
+            s3={"addressing_style": "path"} if self.endpoint_url or core.get_config_variable("endpoint_url") else None,
+        )
+        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+
+
+_clients_lock = threading.Lock()
+_clients: dict[int, dict[S3ClientFactory, object]] = {}  # pid -> clients made in that process
+_sessions: dict[S3ClientFactory, object] = {}  # boto3 sessions, inherited by forked children
+
+
+def _forget_parent_clients() -> None:
+    global _clients_lock
+    _clients_lock = threading.Lock()  # a parent thread may have held it at the fork
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_clients)
+
+
+def _process_clients() -> dict:
+    pid = os.getpid()
+    if pid not in _clients:
+        with _clients_lock:
+            if pid not in _clients:
+                _clients.clear()  # inherited across a fork: never reuse a parent's connections
+                _clients[pid] = {}
+    return _clients[pid]
+
+
+def describe_client_error(error: Exception, url: str) -> str:
+    """One line for a botocore error on `url`: the code and what it usually means, no secrets."""
+    response = getattr(error, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", "")) or type(error).__name__
+    meaning = {
+        "NoSuchBucket": "the bucket does not exist",
+        "404": "not found (missing bucket or object)",
+        "NotFound": "not found (missing bucket or object)",
+        "NoSuchKey": "the object does not exist",
+        "AccessDenied": "access denied: check the credentials and the bucket policy",
+        "403": "access denied: check the credentials and the bucket policy",
+        "InvalidAccessKeyId": "the access key is not known to the server: wrong credentials",
+        "SignatureDoesNotMatch": "the signature does not match: wrong secret key",
+        "NoCredentialsError": "no credentials found (environment, profile or IAM role)",
+        "EndpointConnectionError": "cannot connect to the S3 endpoint",
+    }.get(code, "")
+    return f"{url}: {code}{': ' + meaning if meaning else ''}"
+
+
+def list_objects(factory: S3ClientFactory, location: S3Location) -> list[tuple[str, int]]:
+    """(name relative to the prefix, size) for every object under the prefix, sorted."""
+    client = factory.client()
+    prefix = location.key("") if location.prefix else ""
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found.append((item["Key"][len(prefix):], item["Size"]))
+    return sorted(found)
+
+

@@ -1,0 +1,64 @@
+"""Turn an image folder into webdataset shards plus a manifest, in a folder or on S3.
+
+    python launch/make_shards.py --input /data/imagenet/train --output s3://bucket/imagenet/train \
+        --samples-per-shard 1000 --resize-shorter 512 --workers 8
+
+DIR is an ImageFolder tree (one subfolder per class) or a folder of images with labels.json
+(file name -> list of class names) for multi-label data; see data_pipelines/shard_writer.py.
+S3 is configured the standard boto3 way (AWS_ENDPOINT_URL, AWS_PROFILE, IAM roles).
+Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipelines.s3 import DataSourceError  # noqa: E402
+from data_pipelines.shard_writer import ShardWriteError, make_shards  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _OneLineParser(prog="make_shards.py", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, help="ImageFolder tree, or a folder of images with labels.json")
+    p.add_argument("--output", required=True, help="a folder or s3://bucket/prefix")
+    p.add_argument("--samples-per-shard", type=_positive, default=1000)
+    p.add_argument("--resize-shorter", type=_positive, default=None, metavar="PX",
+                   help="shrink images whose shorter side exceeds PX (bytes are kept unchanged otherwise)")
+    p.add_argument("--workers", type=_positive, default=1, help="processes decoding and checking images")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        summary = make_shards(args.input, args.output, samples_per_shard=args.samples_per_shard,
+                              resize_shorter=args.resize_shorter, workers=args.workers)
+    except (ShardWriteError, DataSourceError) as error:
+        print(f"make_shards.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

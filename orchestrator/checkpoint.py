@@ -1,0 +1,465 @@
+"""Checkpoints to S3 (or a folder): local staging, per-rank upload, a manifest written last.
+
+    manager = CheckpointManager("s3://bucket/run/checkpoints", rank=r, world_size=n, staging_dir="/tmp/ckpt")
+    restored = manager.restore(engine)            # None on a fresh run
+    ...
+    manager.save(engine, step, loader_state=loader.state_dict(), config=config.model_dump())
+    manager.close()
+
+Layout under the checkpoint URL:
+
+    step-00000010/<DeepSpeed's files>            each uploaded by the rank that wrote it
+    step-00000010/ranks/rank-00001.json          a rank's report: its files (name, size, sha256),
+                                                 its data-loader state and RNG state
+    step-00000010/manifest.json                  the commit: written last, by rank 0, once
+                                                 every rank reported success
+
+A checkpoint exists only when its manifest exists and every file it lists is there with the
+stated size and, once downloaded, the stated sha256. DeepSpeed's own `latest` file is never
+written or read. Uploads run in a background thread: training goes on while a checkpoint
+uploads, at most one upload is in flight, and `save` waits only while the previous one is
+still running; that wait plus the local save is the stall, counted in `stall_seconds`.
+
+Ranks coordinate through the store itself (their reports), not through collectives, so that
+the upload thread never issues a collective beside the training loop's. The only collectives
+are in `restore`, on the main thread, before training starts.
+
+Loading never unpickles untrusted data: a file is loaded only after its sha256 matched the
+manifest, and then with `torch.load(weights_only=True)` and a short allow-list of DeepSpeed's
+own classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
+from data_pipelines.storage import read_bytes, write_bytes
+from data_pipelines.transfer import (
+    abort_multipart_uploads, delete_file, delete_prefix, download_file, list_prefix, sha256_file, upload_file,
+)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+# DeepSpeed names a rank's own shard "..zero_pp_rank_<r>_.."; other files are read by all ranks.
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+class CheckpointError(RuntimeError):
+    """Checkpointing cannot go on (failure budget spent, world size changed): one line."""
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: int
+    sha256: str
+    rank: int
+
+
+class RankReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int
+    ok: bool
+    error: str | None = None
+    files: list[FileEntry] = []
+    loader_state: dict[str, Any] = {}
+    rng: dict[str, Any] = {}
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int
+    step: int
+    world_size: int
+    time: float
+    config: dict[str, Any]
+    files: list[FileEntry]
+    ranks: list[RankReport]
+
+
+class Restored(BaseModel):
+    """What `restore` hands back to the training loop besides the engine's own state."""
+
+    step: int
+    loader_state: dict[str, Any]
+    manifest: Manifest
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as JSON (no pickles in the manifest).
+
+
+def capture_rng() -> dict[str, Any]:
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    captured = {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        captured["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return captured
+
+
+def restore_rng(captured: dict[str, Any]) -> None:
+    version, state, gauss = captured["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = captured["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(captured["torch"]))
+    if "cuda" in captured and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in captured["cuda"]])
+
+
+def _bytes_tensor(encoded: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading DeepSpeed's files without unpickling arbitrary objects.
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed's own classes that its checkpoint files contain, and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """Wraps DeepSpeed's checkpoint engine; everything but `load` passes through."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def install_weights_only_loading(engine) -> None:
+    """Make `engine.load_checkpoint` use `torch.load(weights_only=True)` for every file."""
+    if not isinstance(engine.checkpoint_engine, _WeightsOnlyLoads):
+        engine.checkpoint_engine = _WeightsOnlyLoads(engine.checkpoint_engine)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves and restores DeepSpeed engines under one checkpoint URL; one instance per rank.
+
+    Args:
+        url: `s3://bucket/prefix` or a folder shared by all ranks.
+        staging_dir: fast local disk; each rank uses its own sub-folder.
+        keep_last: committed checkpoints kept, newest first; `keep_every` (steps): also keep
+            every checkpoint whose step is a multiple of it (0: none).
+        failure_budget: failed saves in a row tolerated before `save` raises CheckpointError.
+        commit_timeout: how long rank 0 waits for the other ranks' reports.
+        upload_attempts: tries per file before the save counts as failed (each try itself
+            retries requests per boto3's retry mode).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        staging_dir: str,
+        rank: int = 0,
+        world_size: int = 1,
+        keep_last: int = 2,
+        keep_every: int = 0,
+        failure_budget: int = 3,
+        commit_timeout: float = 600.0,
+        upload_attempts: int = 3,
+        factory: S3ClientFactory | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: must keep at least the newest checkpoint")
+        self.url = url.rstrip("/")
+        self.rank, self.world_size = rank, world_size
+        self.staging_dir = os.path.join(staging_dir, f"rank-{rank:05d}")
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.failure_budget, self.commit_timeout, self.upload_attempts = failure_budget, commit_timeout, upload_attempts
+        self.factory = factory or S3ClientFactory()
+        self.log = log
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        # Counters (read by metrics); written by the upload thread under the lock.
+        self.failures_in_a_row = 0
+        self.failures_total = 0
+        self.last_error: str | None = None
+        self.last_committed_step: int | None = None
+        self.stall_seconds = 0.0  # training time spent inside save(): local save + waiting
+        self.last_stall_seconds = 0.0
+        self.upload_seconds = 0.0
+        self.uploaded_bytes = 0
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(self, engine, step: int, *, loader_state: dict[str, Any], config: dict[str, Any]) -> None:
+        """Save locally now (a collective: every rank calls it), upload in the background."""
+        started = time.perf_counter()
+        self.wait()
+        with self._lock:
+            if self.failures_in_a_row > self.failure_budget:
+                raise CheckpointError(
+                    f"{self.failures_in_a_row} checkpoint saves failed in a row (budget {self.failure_budget}); "
+                    f"last error: {self.last_error}"
+                )
+        tag = step_name(step)
+        local = os.path.join(self.staging_dir, tag)
+        shutil.rmtree(local, ignore_errors=True)
+        os.makedirs(local, exist_ok=True)
+        engine.save_checkpoint(self.staging_dir, tag=tag, save_latest=False)
+        report = RankReport(rank=self.rank, ok=True, loader_state=loader_state, rng=capture_rng())
+        self._thread = threading.Thread(
+            target=self._upload_and_commit, args=(step, local, report, config), name=f"checkpoint-{tag}", daemon=True
+        )
+        self._thread.start()
+        self.last_stall_seconds = time.perf_counter() - started
+        self.stall_seconds += self.last_stall_seconds
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) has finished or failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.wait()
+
+    def _upload_and_commit(self, step: int, local: str, report: RankReport, config: dict[str, Any]) -> None:
+        step_url = join_location(self.url, step_name(step))
+        started = time.perf_counter()
+        try:
+            for name in sorted(os.listdir(local)):
+                path = os.path.join(local, name)
+                digest = self._upload_with_retries(path, join_location(step_url, name))
+                report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
+        except DataSourceError as error:
+            report = RankReport(rank=self.rank, ok=False, error=str(error))
+        try:
+            write_bytes(join_location(step_url, f"ranks/rank-{self.rank:05d}.json"), report.model_dump_json().encode(), self.factory)
+            if not report.ok:
+                raise DataSourceError(report.error)
+            if self.rank == 0:
+                self._commit(step, step_url, config)
+        except (DataSourceError, CheckpointError) as error:
+            with self._lock:
+                self.failures_in_a_row += 1
+                self.failures_total += 1
+                self.last_error = str(error)
+            self.log(f"checkpoint step {step} failed on rank {self.rank}: {error}")
+            return
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        with self._lock:
+            self.failures_in_a_row = 0
+            self.upload_seconds += time.perf_counter() - started
+            self.uploaded_bytes += sum(f.size for f in report.files)
+            if self.rank == 0:
+                self.last_committed_step = step
+
+    def _upload_with_retries(self, path: str, url: str) -> str:
+        for attempt in range(1, self.upload_attempts + 1):
+            try:
+                return upload_file(path, url, self.factory)
+            except DataSourceError:
+                if attempt == self.upload_attempts:
+                    raise
+                time.sleep(min(30.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _commit(self, step: int, step_url: str, config: dict[str, Any]) -> None:
+        """Rank 0: wait for every rank's report, then write the manifest last."""
+        reports_url = join_location(step_url, "ranks")
+        deadline = time.monotonic() + self.commit_timeout
+        while True:
+            names = [n for n in list_prefix(reports_url, self.factory) if n.endswith(".json")]
+            if len(names) >= self.world_size:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"only {len(names)} of {self.world_size} ranks reported step {step} in time")
+            time.sleep(0.2)
+        reports = sorted(
+            (RankReport.model_validate_json(read_bytes(join_location(reports_url, n), self.factory)) for n in names),
+            key=lambda r: r.rank,
+        )
+        failed = [r for r in reports if not r.ok]
+        if failed:
+            raise CheckpointError(f"rank {failed[0].rank} could not upload step {step}: {failed[0].error}")
+        manifest = Manifest(
+            format=FORMAT_VERSION, step=step, world_size=self.world_size, time=time.time(), config=config,
+            files=[f for r in reports for f in r.files], ranks=reports,
+        )
+        write_bytes(join_location(step_url, MANIFEST), manifest.model_dump_json(indent=1).encode(), self.factory)
+        self.log(f"checkpoint step {step} committed ({sum(f.size for f in manifest.files):,} bytes)")
+        self._apply_retention(newest=step)
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def _apply_retention(self, newest: int) -> None:
+        """Delete what is no longer kept, only ever below the checkpoint just committed."""
+        committed, partial = self._list_steps()
+        kept = set(sorted(committed)[-self.keep_last:])
+        if self.keep_every:
+            kept |= {s for s in committed if s % self.keep_every == 0}
+        doomed = [s for s in committed if s not in kept and s < newest] + [s for s in partial if s < newest]
+        for step in sorted(doomed):
+            url = join_location(self.url, step_name(step))
+            abort_multipart_uploads(url, self.factory)
+            # The manifest goes first: a crash half-way leaves a partial step, never a
+            # manifest whose files are gone.
+            if step in committed:
+                delete_file(join_location(url, MANIFEST), self.factory)
+            delete_prefix(url, self.factory)
+
+    def _list_steps(self) -> tuple[list[int], list[int]]:
+        """(steps with a manifest, steps with files but no manifest)."""
+        steps: dict[int, bool] = {}
+        for name in list_prefix(self.url, self.factory):
+            top, _, rest = name.partition("/")
+            match = _STEP_DIR.match(top)
+            if match:
+                step = int(match.group(1))
+                steps[step] = steps.get(step, False) or rest == MANIFEST
+        return sorted(s for s, c in steps.items() if c), sorted(s for s, c in steps.items() if not c)
+
+    # --- restoring ---------------------------------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        return self._list_steps()[0]
+
+    def read_manifest(self, step: int) -> Manifest:
+        raw = read_bytes(join_location(join_location(self.url, step_name(step)), MANIFEST), self.factory)
+        return Manifest.model_validate_json(raw)
+
+    def restore(self, engine) -> Restored | None:
+        """Load the newest verified checkpoint into `engine`; None when there is none.
+
+        Every rank calls it (it is collective when torch.distributed is initialised). A
+        checkpoint whose files are missing or fail their sha256 is skipped with a warning and
+        the previous one is tried.
+        """
+        self.wait()
+        candidates = self._agree(sorted(self.committed_steps(), reverse=True))
+        for step in candidates:
+            manifest = self.read_manifest(step)
+            if manifest.world_size != self.world_size:
+                raise CheckpointError(
+                    f"checkpoint step {step} was written by {manifest.world_size} workers, this run has "
+                    f"{self.world_size}; resume with --workers {manifest.world_size} (changing the world size "
+                    f"on resume is not supported yet)"
+                )
+            problem = self._download_verified(manifest)
+            problems = self._gather_problems(problem)
+            if problems:
+                self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
+                continue
+            install_weights_only_loading(engine)
+            path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint step {step} from {self.staging_dir}")
+            mine = next(r for r in manifest.ranks if r.rank == self.rank)
+            restore_rng(mine.rng)
+            shutil.rmtree(os.path.join(self.staging_dir, step_name(step)), ignore_errors=True)
+            with self._lock:
+                self.last_committed_step = step
+            self.log(f"resumed from step {step}")
+            return Restored(step=step, loader_state=mine.loader_state, manifest=manifest)
+        return None
+
+    def _download_verified(self, manifest: Manifest) -> str | None:
+        """Fetch the files this rank's engine will read; the first problem found, or None."""
+        local = os.path.join(self.staging_dir, step_name(manifest.step))
+        shutil.rmtree(local, ignore_errors=True)
+        step_url = join_location(self.url, step_name(manifest.step))
+        for entry in manifest.files:
+            owner = _RANK_FILE.search(entry.name)
+            if owner and int(owner.group(1)) != self.rank:
+                continue
+            path = os.path.join(local, entry.name)
+            try:
+                download_file(join_location(step_url, entry.name), path, self.factory)
+            except DataSourceError as error:
+                return str(error)
+            if os.path.getsize(path) != entry.size or sha256_file(path) != entry.sha256:
+                return f"{entry.name} does not match its size or sha256 in the manifest"
+        return None
+
+    def _agree(self, steps: list[int]) -> list[int]:
+        """Rank 0's view of the committed steps, so that every rank tries the same ones."""
+        if not _distributed():
+            return steps
+        box = [steps]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _gather_problems(self, problem: str | None) -> list[str]:
+        if not _distributed():
+            return [problem] if problem else []
+        everyone: list[str | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, problem)
+        return [p for p in everyone if p]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def export_weights(engine, url: str, *, metadata: dict[str, str] | None = None, staging_dir: str,
+                   factory: S3ClientFactory | None = None) -> str | None:
+    """Write the model's weights alone as safetensors to `url` (a collective; rank 0 writes).
+
+    Under ZeRO-3 the parameters are gathered first. Returns the sha256 on rank 0, else None.
+    """
+    from safetensors.torch import save_file
+
+    module = engine.module
+    params = list(module.parameters())
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        gather = contextlib.nullcontext()
+    with gather:
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()} \
+            if engine.global_rank == 0 else None
+    if engine.global_rank != 0:
+        return None
+    os.makedirs(staging_dir, exist_ok=True)
+    path = os.path.join(staging_dir, "model.safetensors")
+    save_file(state, path, metadata=metadata or {})
+    return upload_file(path, url, factory)
+

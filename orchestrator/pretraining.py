@@ -1,0 +1,115 @@
+"""The driver side of a pretraining run: preflight, then Ray Train runs `train_loop` everywhere.
+
+    python launch/pretrain.py --model ViT-B/16 --dataset JFT-300M --data s3://b/train \
+        --checkpoints s3://b/runs --workers 64 --gpus-per-worker 1
+
+Inside `ray job submit` (or with RAY_ADDRESS set) it joins that cluster; run directly it starts
+a local Ray. Everything a run needs is checked before any worker is scheduled; a problem is a
+`PreflightError`, one line, which the entry point turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+from orchestrator.config import ConfigError, PretrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PreflightError(ConfigError):
+    """The run cannot start: data, checkpoint location or cluster resources (exit status 2)."""
+
+
+class TrainingError(RuntimeError):
+    """Training started but did not finish (exit status 1)."""
+
+
+def check_locations(config: PretrainConfig) -> PretrainConfig:
+    """Data readable and consistent with the config, checkpoints writable; returns the config
+    with the class count taken from the data's manifest unless it was set explicitly."""
+    from data_pipelines.preflight import check_readable, check_writable
+    from data_pipelines.s3 import DataSourceError
+
+    if not config.data:
+        raise PreflightError("no training data: pass --data (a folder or s3://bucket/prefix with shards)")
+    if not config.checkpoints:
+        raise PreflightError("no checkpoint location: pass --checkpoints (a folder or s3://bucket/prefix)")
+    try:
+        manifest = check_readable(config.data)
+        check_writable(config.checkpoints)
+    except DataSourceError as error:
+        raise PreflightError(str(error)) from None
+    classes = len(manifest.class_names)
+    if config.objective == "supervised" and classes:
+        multi_label = manifest.label_kind == "multi_label"
+        if multi_label != config.multi_label:
+            kind = "multi-label" if multi_label else "single-label"
+            raise PreflightError(f"{config.data} holds {kind} data but {config.dataset} is trained as "
+                                 f"{'multi' if config.multi_label else 'single'}-label; set --set multi_label={str(multi_label).lower()}")
+        if "num_classes" in config.overrides and config.num_classes != classes:
+            raise PreflightError(f"num_classes={config.num_classes} but {config.data} has {classes} classes")
+        if config.num_classes != classes:
+            config = config.model_copy(update={"num_classes": classes})
+    return config
+
+
+def connect_ray(config: PretrainConfig):
+    """Join the cluster this runs in (a Ray job, or RAY_ADDRESS), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", logging_level="WARNING", log_to_driver=True)
+    else:
+        # A local Ray for direct runs: enough logical CPUs for the workers plus Ray Train's
+        # controller, and the repository on the workers' import path.
+        cpus = max(os.cpu_count() or 1, config.workers + 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    return ray
+
+
+def check_resources(config: PretrainConfig, ray) -> None:
+    available = ray.cluster_resources()
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    want_cpus, want_gpus = config.workers * 1.0, config.workers * config.gpus_per_worker
+    if want_gpus > gpus or want_cpus > cpus:
+        raise PreflightError(
+            f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs; this run asks for {config.workers} workers x "
+            f"(1 CPU, {config.gpus_per_worker:g} GPU) = {want_cpus:g} CPUs and {want_gpus:g} GPUs"
+        )
+
+
+def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = print,
+                    record_dir: str | None = None, nan_loss_at: dict[int, int] | None = None) -> dict:
+    """Preflight, then train; returns the last metrics reported by rank 0."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train_loop import checkpoint_url, train_loop, worker_config
+
+    config = check_locations(config)
+    ray = connect_ray(config)
+    check_resources(config, ray)
+    log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
+    resources = {"CPU": 1.0, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
+    staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
+                             storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # ray.train.TrainingFailedError and its kin
+        raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
+    if result.error is not None:
+        raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
+    return dict(result.metrics or {})

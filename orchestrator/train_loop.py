@@ -1,0 +1,264 @@
+"""What every Ray Train worker runs: model, DeepSpeed, data stream, checkpoints, steps.
+
+    TorchTrainer(train_loop, train_loop_config=worker_config(config, staging_dir=...), ...)
+
+`train_loop(config)` reads only its argument (a plain dict: the resolved run config plus a
+few runtime settings), so tests import it and run it under a small local Ray.
+
+One optimizer step is `gradient_accumulation_steps` micro-batches. Before each backward the
+ranks agree (one all-reduce) that every rank has a batch and that every loss is finite:
+- a rank whose share of the epoch ran out ends the epoch for everyone (the batches other
+  ranks were handed at that moment are counted as seen but not trained on);
+- a non-finite loss on any rank skips that micro-batch everywhere and is counted; after
+  `NONFINITE_ROLLBACK` in a row the run rolls back to the last committed checkpoint while the
+  data stream goes on, so the window that produced them is skipped;
+- a checkpoint is committed only when every rank's parameters are finite.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from data_pipelines.s3 import join_location
+from orchestrator.checkpoint import CheckpointError, CheckpointManager
+from orchestrator.config import PretrainConfig
+from orchestrator.objectives import classification_loss
+from orchestrator.schedule import learning_rate
+
+NONFINITE_ROLLBACK = 3
+
+
+def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
+                  nan_loss_at: dict[int, int] | None = None) -> dict[str, Any]:
+    """The plain-data argument of `train_loop`.
+
+    Args:
+        staging_dir: fast node-local disk for checkpoint staging.
+        record_dir: if set, each rank appends the sample keys it trains on (and its pid) there,
+            so a test can check what a run saw.
+        nan_loss_at: fault injection for tests: {step: n} makes the next n micro-batch losses
+            NaN once the run has completed `step` optimizer steps.
+    """
+    return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
+            "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()}}
+
+
+def checkpoint_url(config: PretrainConfig) -> str:
+    return join_location(join_location(config.checkpoints, config.run_name), "checkpoints")
+
+
+def weights_url(config: PretrainConfig) -> str:
+    return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), "model.safetensors")
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import logging
+
+    import ray.train
+
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # credential-chain chatter at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    context = ray.train.get_context()
+    _Worker(config, context.get_world_rank(), context.get_world_size()).run()
+
+
+class _Worker:
+    def __init__(self, config: dict[str, Any], rank: int, world_size: int):
+        from data_pipelines.stream import ShardLoader
+        from orchestrator.engine import build_engine
+
+        self.run_config = PretrainConfig.model_validate(config["run"])
+        self.rank, self.world_size = rank, world_size
+        self.record_dir = config.get("record_dir")
+        self.nan_loss_at = {int(k): v for k, v in (config.get("nan_loss_at") or {}).items()}
+        run = self.run_config
+        self.use_gpu = torch.cuda.is_available() and run.gpus_per_worker > 0
+        self.engine = build_engine(run, use_gpu=self.use_gpu)
+        self.device = self.engine.device
+        self.dtype = torch.bfloat16 if self.use_gpu else torch.float32
+        self.loader = ShardLoader(
+            run.data, batch_size=run.micro_batch_size, augmentation="pretrain", image_size=run.image_size,
+            seed=run.seed, rank=rank, world_size=world_size, num_workers=run.data_workers,
+        )
+        self.checkpoints = CheckpointManager(
+            checkpoint_url(run), staging_dir=os.path.join(config["staging_dir"], run.run_name), rank=rank,
+            world_size=world_size, keep_last=run.keep_checkpoints, keep_every=run.keep_checkpoint_every, log=self.log,
+        )
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.rollbacks = 0
+        self._batches = None
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        run = self.run_config
+        restored = self._restore()
+        self._record(f"start {self.step} pid {os.getpid()}")
+        self.log(f"training {run.model} on {run.data}: steps {self.step} -> {run.steps} of {run.total_steps}, "
+                 f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation")
+        if restored is None and self.step == 0 and self.rank == 0:
+            self.log("no checkpoint to resume from: starting at step 0")
+        window_start, window_images, last_loss = time.perf_counter(), 0, float("nan")
+        while self.step < run.steps:
+            lr = learning_rate(self.step, base_lr=run.base_lr, total_steps=run.total_steps,
+                               warmup_steps=run.warmup_steps, decay=run.lr_decay)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+            losses = self._one_step()
+            if losses is None:  # rolled back
+                continue
+            self.step += 1
+            last_loss = sum(losses) / len(losses)
+            window_images += run.global_batch_size
+            if self.step % run.log_every == 0 or self.step == run.steps:
+                seconds = time.perf_counter() - window_start
+                self._report(loss=last_loss, lr=lr, images_per_second=window_images / seconds)
+                window_start, window_images = time.perf_counter(), 0
+            if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                self._save()
+        self.checkpoints.close()
+        if self.checkpoints.last_committed_step != run.steps and self.rank == 0:
+            self.log(f"warning: the final checkpoint (step {run.steps}) did not commit: {self.checkpoints.last_error}")
+        self._export()
+        self.log(f"finished at step {self.step}, loss {last_loss:.4f}")
+
+    def _one_step(self) -> list[float] | None:
+        """One optimizer step; None when it ended in a rollback."""
+        losses = []
+        while len(losses) < self.run_config.gradient_accumulation_steps:
+            batch = self._next_batch()
+            loss = self._loss(batch) if batch is not None else None
+            if loss is not None and self.nan_loss_at.get(self.step, 0) > 0:
+                self.nan_loss_at[self.step] -= 1
+                loss = loss * float("nan")
+            has_batch, finite = self._agree(batch is not None, loss is not None and bool(torch.isfinite(loss)))
+            if not has_batch:
+                self._next_epoch()
+                continue
+            if not finite:
+                self.nonfinite_total += 1
+                self.nonfinite_in_a_row += 1
+                self.log(f"step {self.step + 1}: non-finite loss, micro-batch skipped "
+                         f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)")
+                if self.nonfinite_in_a_row >= NONFINITE_ROLLBACK:
+                    self._roll_back()
+                    return None
+                continue
+            self.nonfinite_in_a_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+            self._record(f"step {self.step + 1} " + " ".join(batch["key"]))
+        return losses
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        images = batch["image"].to(self.device, dtype=self.dtype, non_blocking=True)
+        if self.run_config.objective == "masked-patch":
+            from model import masked_patch_loss, patch_color_targets, random_patch_mask
+
+            model = self.engine.module
+            mask = random_patch_mask(images.shape[0], model.num_patches, device=images.device)
+            targets = patch_color_targets(batch["image"], model.patch_size).to(images.device)
+            return masked_patch_loss(self.engine.module.forward_masked(images, mask).float(), targets, mask)
+        logits = self.engine(images).float()
+        labels = batch["label"].to(self.device, non_blocking=True)
+        return classification_loss(logits, labels, multi_label=self.run_config.multi_label)
+
+    # --- data -----------------------------------------------------------------------------
+
+    def _next_batch(self) -> dict | None:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return next(self._batches, None)
+
+    def _next_epoch(self) -> None:
+        self._batches = None  # stops this epoch's DataLoader workers
+        self.loader.set_epoch(self.loader.epoch + 1)
+        self.log(f"epoch {self.loader.epoch} begins at step {self.step}")
+
+    def _agree(self, has_batch: bool, finite: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([float(has_batch), float(finite)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        return bool(flags[0]), bool(flags[1])
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _restore(self):
+        restored = self.checkpoints.restore(self.engine)
+        if restored is not None:
+            self.step = restored.step
+            self.loader.load_state_dict([r.loader_state for r in restored.manifest.ranks])
+            self._batches = None
+        return restored
+
+    def _parameters_finite(self) -> bool:
+        finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
+        return self._agree(True, finite)[1]
+
+    def _save(self) -> None:
+        if not self._parameters_finite():
+            self.log(f"step {self.step}: parameters are not finite; not checkpointing, rolling back")
+            self._roll_back()
+            return
+        # The data position is the state after the batches trained so far; batches of a
+        # DataLoader prefetch that were not handed out are not in it.
+        self.checkpoints.save(self.engine, self.step, loader_state=self.loader.state_dict(),
+                              config=self.run_config.model_dump(mode="json"))
+
+    def _roll_back(self) -> None:
+        """Back to the last committed checkpoint; the data stream keeps its position."""
+        positions = [self.loader.state_dict()]
+        if torch.distributed.is_initialized():
+            positions = [None] * self.world_size
+            torch.distributed.all_gather_object(positions, self.loader.state_dict())
+        restored = self.checkpoints.restore(self.engine)
+        if restored is None:
+            raise CheckpointError(f"step {self.step}: {NONFINITE_ROLLBACK} non-finite losses in a row and no "
+                                  f"checkpoint to roll back to")
+        self.rollbacks += 1
+        self.nonfinite_in_a_row = 0
+        self.log(f"rolled back from step {self.step} to step {restored.step}; the data window in between is skipped")
+        self.step = restored.step
+        self.loader.load_state_dict(positions)  # every rank's position: forward through the data
+        self._batches = None
+
+    def _export(self) -> None:
+        from orchestrator.checkpoint import export_weights
+
+        run = self.run_config
+        digest = export_weights(
+            self.engine, weights_url(run), staging_dir=os.path.join(self.checkpoints.staging_dir, "export"),
+            metadata={"model": run.model, "num_classes": str(run.num_classes), "image_size": str(run.image_size),
+                      "step": str(self.step)},
+            factory=self.checkpoints.factory,
+        )
+        if digest is not None:
+            self.log(f"exported weights to {weights_url(run)} (sha256 {digest[:12]})")
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def _report(self, **metrics: float) -> None:
+        import ray.train
+
+        row = {"step": self.step, "nonfinite_total": self.nonfinite_total, "rollbacks": self.rollbacks,
+               "checkpoint_failures_total": self.checkpoints.failures_total,
+               "checkpoint_stall_seconds": self.checkpoints.stall_seconds, **metrics}
+        self.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        ray.train.report(row)
+
+    def _record(self, line: str) -> None:
+        if self.record_dir:
+            with open(os.path.join(self.record_dir, f"rank-{self.rank}.log"), "a") as f:
+                f.write(line + "\n")

@@ -1,0 +1,194 @@
+"""Streaming from a real S3: round trip, determinism, and exact resumption across world sizes."""
+
+import collections
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.augment import Augmentation, augmentation_for, random_resized_crop_box
+from data_pipelines.stream import ShardLoader, merge_loader_states, split_ranges
+from data_pipelines.synthetic import classification_samples, write_synthetic
+
+SAMPLES = 150
+
+
+@pytest.fixture(scope="module")
+def train_shards(s3_server, test_bucket):
+    """150 samples in 7 shards (6 x 24 + 6) on S3."""
+    write_synthetic("classification", f"{test_bucket}/stream-tests/train", num_samples=SAMPLES, image_size=48, samples_per_shard=24,
+                    factory=s3_server.client_factory())
+    return f"{test_bucket}/stream-tests/train"
+
+
+def loader(source, s3, **kwargs):
+    settings = dict(batch_size=8, image_size=32, num_workers=2, seed=7, factory=s3)
+    return ShardLoader(source, **{**settings, **kwargs})
+
+
+def test_round_trip_from_s3_gives_normalised_batches_and_true_labels(train_shards, s3):
+    truth = {s.key: s.label for s in classification_samples(SAMPLES, 10, 48, 0)}
+    stream = loader(train_shards, s3, augmentation="eval")
+    seen = []
+    for batch in stream:
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (3, 32, 32)
+        assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert batch["label"].tolist() == [truth[k] for k in batch["key"]]
+        seen += batch["key"]
+    assert sorted(seen) == sorted(truth) and stream.stats["samples"] == SAMPLES
+    assert stream.class_names == [f"class{c}" for c in range(10)] and stream.remaining_samples() == 0
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_order_is_deterministic_for_seed_and_epoch(train_shards, s3):
+    first = keys_of(loader(train_shards, s3))
+    assert keys_of(loader(train_shards, s3)) == first
+    other_epoch = loader(train_shards, s3)
+    other_epoch.set_epoch(1)
+    second = keys_of(other_epoch)
+    assert second != first and sorted(second) == sorted(first)
+    assert keys_of(other_epoch) == []  # the epoch is consumed until set_epoch moves on
+
+
+def take(stream, batches):
+    return keys_of(itertools.islice(iter(stream), batches))
+
+
+def assert_exactly_the_epoch(*key_lists):
+    counts = collections.Counter(k for keys in key_lists for k in keys)
+    duplicated = [k for k, n in counts.items() if n > 1]
+    assert not duplicated, f"repeated: {duplicated[:5]}"
+    assert len(counts) == SAMPLES, f"{SAMPLES - len(counts)} samples never seen"
+
+
+@pytest.mark.parametrize("resume_world, resume_workers", [(2, 2), (1, 2), (3, 1)])
+def test_resume_is_exact_from_two_ranks_of_two_workers(train_shards, s3, resume_world, resume_workers):
+    ranks = [loader(train_shards, s3, rank=r, world_size=2) for r in range(2)]
+    before = [take(ranks[0], 3), take(ranks[1], 5)]  # stopped at arbitrary, different batches
+    states = [json.loads(json.dumps(r.state_dict())) for r in ranks]  # plain data, as a checkpoint holds it
+    assert sum(len(k) for k in before) == 64
+
+    resumed = [loader(train_shards, s3, rank=r, world_size=resume_world, num_workers=resume_workers)
+               for r in range(resume_world)]
+    for stream in resumed:
+        stream.load_state_dict(states)
+        assert stream.remaining_samples() == SAMPLES - 64
+    after = [keys_of(stream) for stream in resumed]
+    assert_exactly_the_epoch(*before, *after)
+    assert max(map(len, after)) - min(map(len, after)) <= resume_workers  # balanced
+
+
+def test_resume_twice_and_in_process_worker_mode(train_shards, s3):
+    ranks = [loader(train_shards, s3, rank=r, world_size=2) for r in range(2)]
+    first = [take(ranks[0], 2), take(ranks[1], 1)]
+    middle = [loader(train_shards, s3, rank=r, world_size=3, num_workers=0) for r in range(3)]
+    for stream in middle:
+        stream.load_state_dict([r.state_dict() for r in ranks])
+    second = [take(middle[0], 4), take(middle[1], 1), []]
+    merged = merge_loader_states([m.state_dict() for m in middle])
+    last = loader(train_shards, s3)
+    last.load_state_dict(merged)
+    assert_exactly_the_epoch(*first, *second, keys_of(last))
+    assert last.remaining_samples() == 0
+
+
+def test_states_from_different_epochs_or_seeds_are_refused(train_shards, s3):
+    a, b = loader(train_shards, s3), loader(train_shards, s3)
+    b.set_epoch(1)
+    with pytest.raises(ValueError, match="disagree"):
+        merge_loader_states([a.state_dict(), b.state_dict()])
+    with pytest.raises(ValueError, match="seed"):
+        loader(train_shards, s3, seed=1).load_state_dict(a.state_dict())
+
+
+def test_split_ranges_cuts_contiguous_equal_pieces():
+    pieces = split_ranges([(3, 0, 10), (1, 4, 10), (0, 0, 5)], 4)
+    assert [sum(e - s for _, s, e in p) for p in pieces] == [5, 5, 5, 6]
+    assert pieces[0] == [(3, 0, 5)] and pieces[1] == [(3, 5, 10)] and pieces[2] == [(1, 4, 9)]
+    assert pieces[3] == [(1, 9, 10), (0, 0, 5)]
+
+
+def _jpeg(width, height):
+    import io
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_augmentations_have_the_configured_sizes_and_draft_mode_keeps_quality():
+    import random
+
+    data = _jpeg(1024, 768)
+    assert augmentation_for("pretrain").apply(data, random.Random(0)).shape == (224, 224, 3)
+    assert augmentation_for("finetune").apply(data, random.Random(0)).shape == (384, 384, 3)
+    evaluation = augmentation_for("eval")
+    assert np.array_equal(evaluation.apply(data, random.Random(1)), evaluation.apply(data, random.Random(2)))
+    # A large crop decoded at 1/2 or 1/4 scale is close to the full decode.
+    full = Augmentation("eval", 128, use_draft=False).apply(data, random.Random(0)).astype(float)
+    drafted = Augmentation("eval", 128).apply(data, random.Random(0)).astype(float)
+    assert np.abs(full - drafted).mean() < 12
+    for seed in range(50):
+        left, top, right, bottom = random_resized_crop_box(500, 375, random.Random(seed))
+        assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
+
+
+def _rank_process(rank, world_size, port, source, factory, stop_after, results):
+    import torch.distributed as dist
+
+    from data_pipelines.storage import write_bytes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        stream = ShardLoader(source, batch_size=8, image_size=32, num_workers=2, seed=7, rank=rank,
+                             world_size=world_size, factory=factory)
+        keys = take(stream, stop_after[rank])
+        states = [None] * world_size
+        dist.all_gather_object(states, stream.state_dict())  # what a trainer puts in its checkpoint
+        if rank == 0:
+            write_bytes(f"{source}-checkpoint/data_position.json", json.dumps(states).encode(), factory)
+        results.put((rank, keys))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_ranks_gather_their_positions_and_one_rank_finishes_the_epoch(train_shards, s3):
+    import multiprocessing
+    import socket
+
+    from data_pipelines.storage import read_bytes
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=_rank_process, args=(r, 2, port, train_shards, s3, [4, 2], results)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    before = dict(results.get(timeout=60) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+
+    resumed = loader(train_shards, s3, num_workers=1)
+    resumed.load_state_dict(json.loads(read_bytes(f"{train_shards}-checkpoint/data_position.json", s3)))
+    assert_exactly_the_epoch(before[0], before[1], keys_of(resumed))
+
+
+def test_merged_states_leave_exactly_the_unconsumed_ranges():
+    from data_pipelines.manifest import Manifest, ShardInfo
+    from data_pipelines.stream import STATE_FORMAT, remaining_ranges
+
+    manifest = Manifest([ShardInfo("a.tar", 10, 1), ShardInfo("b.tar", 5, 1)], class_names=[])
+    state = lambda consumed: {"format": STATE_FORMAT, "seed": 0, "epoch": 3, "consumed": consumed}  # noqa: E731
+    merged = merge_loader_states([state({"a.tar": [[0, 2], [5, 7]]}), state({"a.tar": [[2, 4]], "b.tar": [[4, 5]]})])
+    assert merged["consumed"] == {"a.tar": [[0, 4], [5, 7]], "b.tar": [[4, 5]]} and merged["epoch"] == 3
+    assert remaining_ranges(manifest, [1, 0], merged["consumed"]) == [(1, 0, 4), (0, 4, 5), (0, 7, 10)]

@@ -1,0 +1,119 @@
+"""One rank of a small DeepSpeed run that checkpoints through CheckpointManager (run by tests).
+
+    RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
+        python tests/orchestrator/checkpoint_worker.py --url s3://b/run --staging /tmp/s --zero-stage 1 \
+        --steps 4 --save-at 2,4 --dumps /tmp/dumps
+
+Each save also dumps this rank's parameters, optimizer state and the next RNG draw to
+`--dumps/step-<N>-rank-<R>.pt`; a run that restores dumps the same right after restoring, as
+`restored-rank-<R>.pt`, so the test can compare the two exactly. `--hang-after-upload N`
+makes the upload of step N stall forever after its first file (for the SIGKILL test).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
+from model import build_model  # noqa: E402
+from orchestrator import checkpoint  # noqa: E402
+
+
+def state_of(engine) -> dict:
+    """Full parameters (gathered under ZeRO-3) and this rank's optimizer tensors."""
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 else torch.no_grad()
+    with gather:
+        weights = {k: v.detach().clone() for k, v in engine.module.named_parameters()}
+    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    moments = {
+        f"{i}.{name}": value.detach().clone()
+        for i, state in enumerate(optimizer.state.values())
+        for name, value in state.items()
+        if torch.is_tensor(value)
+    }
+    return {"weights": weights, "optimizer": moments, "global_steps": engine.global_steps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--staging", required=True)
+    p.add_argument("--dumps", required=True)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--save-at", default="")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--keep-every", type=int, default=0)
+    p.add_argument("--failure-budget", type=int, default=3)
+    p.add_argument("--hang-after-upload", type=int, default=-1)
+    p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
+    args = p.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(0)
+    model = build_model("ViT-Mu/4", 10, image_size=32)
+    config = {
+        "train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0, "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": args.zero_stage},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    if args.hang_after_upload >= 0:
+        real_upload = checkpoint.upload_file
+        tag = checkpoint.step_name(args.hang_after_upload)
+
+        def upload_then_hang(path, url, factory=None):
+            digest = real_upload(path, url, factory)
+            if f"/{tag}/" in url:
+                open(os.path.join(args.dumps, f"hanging-rank-{rank}"), "w").close()
+                time.sleep(3600)
+            return digest
+
+        checkpoint.upload_file = upload_then_hang
+
+    manager = checkpoint.CheckpointManager(
+        args.url, staging_dir=args.staging, rank=rank, world_size=world, keep_last=args.keep_last,
+        keep_every=args.keep_every, failure_budget=args.failure_budget, commit_timeout=60,
+    )
+    os.makedirs(args.dumps, exist_ok=True)
+    start = 0
+    restored = None if args.fresh else manager.restore(engine)
+    if restored is not None:
+        start = restored.step
+        dump = state_of(engine) | {"loader_state": restored.loader_state, "rng_draw": torch.rand(3)}
+        torch.save(dump, os.path.join(args.dumps, f"restored-rank-{rank}.pt"))
+    save_at = {int(s) for s in args.save_at.split(",") if s}
+    for step in range(start + 1, args.steps + 1):
+        generator = torch.Generator().manual_seed(1000 * step + rank)
+        images = torch.randn(4, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, 10, (4,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(engine(images), labels)
+        engine.backward(loss)
+        engine.step()
+        if step in save_at:
+            loader_state = {"consumed": step * 4 * world, "rank": rank}
+            try:
+                manager.save(engine, step, loader_state=loader_state, config={"zero_stage": args.zero_stage})
+            except checkpoint.CheckpointError as error:
+                print(f"CheckpointError: {error}", flush=True)
+                sys.exit(3)
+            dump = state_of(engine) | {"loader_state": loader_state, "rng_draw": torch.rand(3)}
+            torch.save(dump, os.path.join(args.dumps, f"step-{step}-rank-{rank}.pt"))
+    manager.close()
+    print(f"rank {rank}: failures_total={manager.failures_total} last_committed={manager.last_committed_step} "
+          f"stall={manager.stall_seconds:.3f}", flush=True)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""CheckpointManager against a real S3 server (SeaweedFS) and real DeepSpeed on gloo, 2 ranks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from data_pipelines.s3 import parse_s3_url
+from data_pipelines.transfer import list_prefix
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(s3_server, world, *args):
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, **s3_server.environment(), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def finish(procs, timeout=240):
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        outputs.append(out)
+    return [p.returncode for p in procs], outputs
+
+
+def run_ranks(s3_server, world, *args):
+    codes, outputs = finish(start_ranks(s3_server, world, *args))
+    assert codes == [0] * world, "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=0, atol=0)
+    assert a["optimizer"].keys() == b["optimizer"].keys() and a["optimizer"]
+    for name in a["optimizer"]:
+        torch.testing.assert_close(a["optimizer"][name], b["optimizer"][name], rtol=0, atol=0)
+    assert a["global_steps"] == b["global_steps"]
+    assert a["loader_state"] == b["loader_state"]
+    torch.testing.assert_close(a["rng_draw"], b["rng_draw"], rtol=0, atol=0)
+
+
+def client(s3_server):
+    return s3_server.client_factory().client()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_save_then_resume_gives_identical_state(s3_server, run_url, tmp_path, stage):
+    dumps = tmp_path / "dumps"
+    run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,
+              "--zero-stage", stage, "--steps", 4, "--save-at", "2,4")
+    # Both steps committed: each manifest's files are there with the stated size and sha256.
+    found = list_prefix(run_url, s3_server.client_factory())
+    for step in (2, 4):
+        location = parse_s3_url(f"{run_url}/step-{step:08d}/manifest.json")
+        manifest = json.loads(client(s3_server).get_object(Bucket=location.bucket, Key=location.prefix)["Body"].read())
+        assert (manifest["step"], manifest["world_size"], manifest["config"]) == (step, 2, {"zero_stage": stage})
+        assert {r["rank"] for r in manifest["ranks"]} == {0, 1}
+        assert [r["loader_state"]["consumed"] for r in manifest["ranks"]] == [step * 8, step * 8]
+        for entry in manifest["files"]:
+            key = f"step-{step:08d}/{entry['name']}"
+            assert found[key] == entry["size"]
+            body = client(s3_server).get_object(Bucket=location.bucket, Key=location.prefix.rsplit("/", 1)[0] + "/" + entry["name"])
+            import hashlib
+
+            assert hashlib.sha256(body["Body"].read()).hexdigest() == entry["sha256"]
+        assert not any(name.endswith("latest") for name in found)
+
+    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "b", "--dumps", dumps,
+                        "--zero-stage", stage, "--steps", 4)
+    assert "resumed from step 4" in outputs[0]
+    for rank in (0, 1):
+        assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-4-rank-{rank}.pt"))
+
+
+def test_sigkill_mid_upload_leaves_a_step_that_is_never_loaded(s3_server, run_url, tmp_path):
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    procs = start_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,
+                        "--steps", 6, "--save-at", "2,4", "--hang-after-upload", 4)
+    deadline = time.monotonic() + 180
+    while not (dumps / "hanging-rank-0").exists() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), finish(procs)[1]
+        time.sleep(0.1)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    finish(procs)
+    found = list_prefix(run_url, s3_server.client_factory())
+    assert any(k.startswith("step-00000004/") for k in found)
+    assert "step-00000004/manifest.json" not in found
+    assert "step-00000002/manifest.json" in found
+    # A multipart upload the killed writer left open under the partial step.
+    location = parse_s3_url(f"{run_url}/step-00000004/big.pt")
+    upload = client(s3_server).create_multipart_upload(Bucket=location.bucket, Key=location.prefix)
+    client(s3_server).upload_part(Bucket=location.bucket, Key=location.prefix, UploadId=upload["UploadId"],
+                                  PartNumber=1, Body=b"x" * 1024)
+
+    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "b", "--dumps", dumps,
+                        "--steps", 6, "--save-at", "6")
+    assert "resumed from step 2" in outputs[0]
+    for rank in (0, 1):
+        assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
+    # Step 6 committed; the partial step 4 and its open multipart upload are gone after it.
+    found = list_prefix(run_url, s3_server.client_factory())
+    assert "step-00000006/manifest.json" in found
+    assert not any(k.startswith("step-00000004/") for k in found)
+    uploads = client(s3_server).list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix.rsplit("/", 2)[0])
+    assert not uploads.get("Uploads")
+
+
+def test_corrupted_object_falls_back_to_the_previous_checkpoint(s3_server, run_url, tmp_path):
+    dumps = tmp_path / "dumps"
+    run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,
+              "--steps", 4, "--save-at", "2,4")
+    location = parse_s3_url(f"{run_url}/step-00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    original = client(s3_server).get_object(Bucket=location.bucket, Key=location.prefix)["Body"].read()
+    corrupted = bytes([original[0] ^ 0xFF]) + original[1:]  # same size, one byte flipped
+    client(s3_server).put_object(Bucket=location.bucket, Key=location.prefix, Body=corrupted)
+
+    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "b", "--dumps", dumps, "--steps", 4)
+    assert "checkpoint step 4 is unusable" in outputs[0] and "sha256" in outputs[0]
+    assert "resumed from step 2" in outputs[0]
+    for rank in (0, 1):
+        assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
+
+
+def test_retention_keeps_the_last_k_and_every_mth(s3_server, run_url, tmp_path):
+    run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
+              "--steps", 7, "--save-at", "1,2,3,4,5,6,7", "--keep-last", 2, "--keep-every", 3)
+    found = list_prefix(run_url, s3_server.client_factory())
+    steps = sorted({int(k[5:13]) for k in found})
+    assert steps == [3, 6, 7]
+    assert all(f"step-{s:08d}/manifest.json" in found for s in steps)
+
+
+def test_a_different_world_size_is_a_clear_error(s3_server, run_url, tmp_path):
+    run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
+              "--steps", 2, "--save-at", "2")
+    codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "b",
+                                        "--dumps", tmp_path / "d", "--steps", 2))
+    assert codes == [1]
+    assert "written by 2 workers, this run has 1" in outputs[0]
+
+
+def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, tmp_path):
+    missing_bucket = "s3://no-such-bucket-vitscale/run"
+    codes, outputs = finish(start_ranks(s3_server, 1, "--url", missing_bucket, "--staging", tmp_path / "a",
+                                        "--dumps", tmp_path / "d", "--steps", 5, "--save-at", "1,2,3,4,5",
+                                        "--failure-budget", 2, "--fresh"))
+    assert codes == [3], outputs[0][-3000:]
+    assert "checkpoint step 1 failed on rank 0" in outputs[0]
+    assert "3 checkpoint saves failed in a row (budget 2)" in outputs[0]
+    assert "NoSuchBucket" in outputs[0]
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset") not in outputs[0]
+    assert s3_server.secret_access_key not in outputs[0]
