@@ -19,7 +19,7 @@ from data_pipelines.storage import list_names, read_bytes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vitscale-webdataset/1"
-LABEL_KINDS = ("class", "multi_label")
+LABEL_KINDS = ("class", "multi_label", "none")  # "none": unlabeled, for self-supervision
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ class Sample:
     key: str  # unique, no dots (webdataset splits the key from the extension at the first dot)
     image: bytes
     image_ext: str  # "jpg" or "png"
-    label: int | list[int]  # a class index, or the class indices present (multi-label)
+    label: int | list[int] | None  # a class index, the class indices present (multi-label), or None
 
 
 @dataclasses.dataclass
@@ -72,7 +72,9 @@ def _shard_name(index: int) -> str:
 
 def _encode_sample(sample: Sample) -> dict:
     record = {"__key__": sample.key, sample.image_ext: sample.image}
-    if isinstance(sample.label, int):
+    if sample.label is None:
+        pass  # unlabeled data (label_kind "none"): the image alone
+    elif isinstance(sample.label, int):
         record["cls"] = str(sample.label).encode("ascii")
     else:
         record["json"] = json.dumps({"labels": sorted(sample.label)}).encode("utf-8")

@@ -219,10 +219,12 @@ class _RankDataset(torch.utils.data.IterableDataset):
     """The dataset: worker `w` of this rank streams piece `rank * workers + w`."""
 
     def __init__(self, base: str, manifest: Manifest, pieces: list[list[Range]], rank: int, workers: int,
-                 batch_size: int, augmentation: Augmentation, seed: int, epoch: int, factory: S3ClientFactory):
+                 batch_size: int, augmentation: Augmentation, seed: int, epoch: int, factory: S3ClientFactory,
+                 labels: bool = True):
         self.base, self.manifest, self.pieces = base, manifest, pieces
         self.rank, self.workers, self.batch_size = rank, workers, batch_size
         self.augmentation, self.seed, self.epoch, self.factory = augmentation, seed, epoch, factory
+        self.labels = labels
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -306,7 +308,9 @@ class _RankDataset(torch.utils.data.IterableDataset):
         if image_ext is None:
             return f"no image member (has {', '.join(sorted(files)) or 'nothing'})"
         try:
-            if "cls" in files:
+            if not self.labels:
+                label = 0  # a placeholder: unlabeled data, or labels this run does not use
+            elif "cls" in files:
                 label = int(files["cls"])
             elif "json" in files:
                 hot = np.zeros(len(self.manifest.class_names), np.float32)
@@ -337,7 +341,8 @@ class ShardLoader:
 
     def __init__(self, source: str, *, batch_size: int, augmentation: str | Augmentation = "pretrain",
                  image_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, prefetch_factor: int = 2, factory: S3ClientFactory | None = None):
+                 num_workers: int = 2, prefetch_factor: int = 2, factory: S3ClientFactory | None = None,
+                 labels: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
@@ -348,6 +353,7 @@ class ShardLoader:
         self.augmentation = augmentation if isinstance(augmentation, Augmentation) else augmentation_for(augmentation, image_size)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.labels = labels  # False: labels are neither read nor required (self-supervision)
         self.epoch = 0
         self.consumed: dict[str, list[list[int]]] = {}
         self.stats = {"samples": 0, "skipped_samples": 0, "missing_samples": 0, "short_shards": 0}
@@ -384,7 +390,7 @@ class ShardLoader:
         order = epoch_shard_order(len(self.manifest.shards), self.seed, self.epoch)
         pieces = split_ranges(remaining_ranges(self.manifest, order, self.consumed), self.world_size * workers)
         body = _RankDataset(self.base, self.manifest, pieces, self.rank, workers, self.batch_size,
-                            self.augmentation, self.seed, self.epoch, self.factory)
+                            self.augmentation, self.seed, self.epoch, self.factory, self.labels)
         loader = torch.utils.data.DataLoader(
             body, batch_size=None, num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import colorsys
 import io
@@ -97,11 +99,17 @@ def write_synthetic(
         num_classes = num_classes or 6
         samples, label_kind = multi_label_samples(num_samples, num_classes, image_size, seed), "multi_label"
         total = num_samples
+    elif kind == "unlabeled":  # the classification images without their labels
+        num_classes = num_classes or 10
+        samples = (dataclasses.replace(s, label=None) for s in classification_samples(num_samples, num_classes, image_size, seed))
+        label_kind, total = "none", num_samples
     elif kind == "digits":
         num_classes, samples, label_kind, total = 10, digits_samples(image_size), "class", 1797
     else:
-        raise ValueError(f"unknown synthetic set {kind!r}: classification, multi_label or digits")
+        raise ValueError(f"unknown synthetic set {kind!r}: classification, multi_label, unlabeled or digits")
     class_names = [str(c) for c in range(num_classes)] if kind == "digits" else [f"class{c}" for c in range(num_classes)]
+    if kind == "unlabeled":
+        class_names = []
     return write_shards(samples, output, class_names=class_names, label_kind=label_kind,
                         samples_per_shard=samples_per_shard, factory=factory, total=total, progress=progress)
 

@@ -86,6 +86,8 @@ class PretrainConfig(BaseModel):
     micro_batch_size: int = Field(gt=0)
     gradient_accumulation_steps: int = Field(gt=0)
     gpus_per_worker: float = Field(ge=0.0)
+    # Ray reserves these per worker and sets OMP_NUM_THREADS to match (torch's CPU threads).
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
     zero_stage: Literal[0, 1, 2, 3] = 1
     seed: int = 0
 

@@ -72,6 +72,8 @@ def ensure_shards(config: PretrainConfig, log: Callable[[str], None]) -> None:
     except DataSourceError:
         pass
     kind = "multi_label" if config.multi_label else "classification"
+    if config.objective == "masked-patch":
+        kind = "unlabeled"
     summary = write_synthetic(kind, config.data, num_samples=config.train_examples, num_classes=config.num_classes,
                               image_size=2 * config.image_size, samples_per_shard=128)
     log(f"dry run: wrote {kind} shards to {config.data}: {summary.line()}")

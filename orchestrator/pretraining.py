@@ -10,6 +10,7 @@ a local Ray. Everything a run needs is checked before any worker is scheduled; a
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from typing import Callable
@@ -43,6 +44,9 @@ def check_locations(config: PretrainConfig) -> PretrainConfig:
     except DataSourceError as error:
         raise PreflightError(str(error)) from None
     classes = len(manifest.class_names)
+    if config.objective == "supervised" and manifest.label_kind == "none":
+        raise PreflightError(f"{config.data} holds unlabeled data; supervised training needs labels "
+                             f"(or use --objective masked-patch)")
     if config.objective == "supervised" and classes:
         multi_label = manifest.label_kind == "multi_label"
         if multi_label != config.multi_label:
@@ -67,7 +71,7 @@ def connect_ray(config: PretrainConfig):
     else:
         # A local Ray for direct runs: enough logical CPUs for the workers plus Ray Train's
         # controller, and the repository on the workers' import path.
-        cpus = max(os.cpu_count() or 1, config.workers + 1)
+        cpus = max(os.cpu_count() or 1, math.ceil(config.workers * config.cpus_per_worker) + 1)
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     return ray
@@ -76,11 +80,11 @@ def connect_ray(config: PretrainConfig):
 def check_resources(config: PretrainConfig, ray) -> None:
     available = ray.cluster_resources()
     cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    want_cpus, want_gpus = config.workers * 1.0, config.workers * config.gpus_per_worker
+    want_cpus, want_gpus = config.workers * config.cpus_per_worker, config.workers * config.gpus_per_worker
     if want_gpus > gpus or want_cpus > cpus:
         raise PreflightError(
             f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs; this run asks for {config.workers} workers x "
-            f"(1 CPU, {config.gpus_per_worker:g} GPU) = {want_cpus:g} CPUs and {want_gpus:g} GPUs"
+            f"({config.cpus_per_worker:g} CPU, {config.gpus_per_worker:g} GPU) = {want_cpus:g} CPUs and {want_gpus:g} GPUs"
         )
 
 
@@ -96,7 +100,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     ray = connect_ray(config)
     check_resources(config, ray)
     log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
-    resources = {"CPU": 1.0, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
     staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
     trainer = TorchTrainer(
         train_loop,

@@ -84,6 +84,7 @@ class _Worker:
         self.loader = ShardLoader(
             run.data, batch_size=run.micro_batch_size, augmentation="pretrain", image_size=run.image_size,
             seed=run.seed, rank=rank, world_size=world_size, num_workers=run.data_workers,
+            labels=run.objective == "supervised",
         )
         self.checkpoints = CheckpointManager(
             checkpoint_url(run), staging_dir=os.path.join(config["staging_dir"], run.run_name), rank=rank,

@@ -192,3 +192,14 @@ def test_merged_states_leave_exactly_the_unconsumed_ranges():
     merged = merge_loader_states([state({"a.tar": [[0, 2], [5, 7]]}), state({"a.tar": [[2, 4]], "b.tar": [[4, 5]]})])
     assert merged["consumed"] == {"a.tar": [[0, 4], [5, 7]], "b.tar": [[4, 5]]} and merged["epoch"] == 3
     assert remaining_ranges(manifest, [1, 0], merged["consumed"]) == [(1, 0, 4), (0, 4, 5), (0, 7, 10)]
+
+
+def test_unlabeled_shards_stream_when_labels_are_not_wanted(s3, fresh_prefix):
+    from data_pipelines.synthetic import write_synthetic
+
+    write_synthetic("unlabeled", fresh_prefix, num_samples=40, image_size=32, samples_per_shard=16, factory=s3, progress=False)
+    images = ShardLoader(fresh_prefix, batch_size=8, image_size=32, num_workers=0, factory=s3, labels=False)
+    keys = [k for batch in images for k in batch["key"]]
+    assert sorted(keys) == [f"synthetic{i:07d}" for i in range(40)]
+    needs_labels = ShardLoader(fresh_prefix, batch_size=8, image_size=32, num_workers=0, factory=s3)
+    assert [b for b in needs_labels] == [] and needs_labels.stats["skipped_samples"] == 40

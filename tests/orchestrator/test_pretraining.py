@@ -132,3 +132,16 @@ def test_non_finite_losses_are_skipped_and_roll_back(cluster, tmp_path, capfd):
     assert len(keys) == len(set(keys))
     manifests = [k for k in list_prefix(checkpoint_url(config)) if k.endswith("manifest.json")]
     assert "step-00000008/manifest.json" in manifests and "step-00000012/manifest.json" in manifests
+
+
+def test_masked_patch_prediction_trains_on_unlabeled_shards(cluster, capfd):
+    bucket, _ = cluster
+    write_synthetic("unlabeled", f"{bucket}/unlabeled", num_samples=SAMPLES, image_size=48, samples_per_shard=64)
+    config = config_for(cluster, "masked", data=f"{bucket}/unlabeled", objective="masked-patch", max_steps=16)
+    with pytest.raises(PreflightError, match="unlabeled data"):
+        check_locations(config_for(cluster, "supervised-on-unlabeled", data=f"{bucket}/unlabeled"))
+    run_pretraining(config)
+    out = capfd.readouterr().out
+    losses = [float(x) for x in re.findall(r"step \d+ nonfinite_total .*? loss ([\d.]+)", out)]
+    assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
+    assert "finished at step 16" in out
