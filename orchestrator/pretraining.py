@@ -69,9 +69,12 @@ def connect_ray(config: PretrainConfig):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", logging_level="WARNING", log_to_driver=True)
     else:
-        # A local Ray for direct runs: enough logical CPUs for the workers plus Ray Train's
-        # controller, and the repository on the workers' import path.
-        cpus = max(os.cpu_count() or 1, math.ceil(config.workers * config.cpus_per_worker) + 1)
+        # A local Ray for direct runs, with the repository on the workers' import path. A dry
+        # run may oversubscribe this machine's cores (2 workers on a 2-core laptop); a real run
+        # gets what the machine has, so the resource check below means something.
+        cpus = os.cpu_count() or 1
+        if config.dry_run:
+            cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1)
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     return ray

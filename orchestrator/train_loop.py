@@ -107,7 +107,8 @@ class _Worker:
         restored = self._restore()
         self._record(f"start {self.step} pid {os.getpid()}")
         self.log(f"training {run.model} on {run.data}: steps {self.step} -> {run.steps} of {run.total_steps}, "
-                 f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation")
+                 f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation, "
+                 f"{self.device}, {torch.get_num_threads()} CPU threads")
         if restored is None and self.step == 0 and self.rank == 0:
             self.log("no checkpoint to resume from: starting at step 0")
         window_start, window_images, last_loss = time.perf_counter(), 0, float("nan")

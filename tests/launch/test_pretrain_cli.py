@@ -139,3 +139,34 @@ def test_killed_run_resumes_from_its_last_commit(s3_server, tmp_path):
             Bucket="accept-bucket", Key=f"run/{run}/step-{step:08d}/manifest.json")["Body"].read())
         for entry in manifest["files"]:
             assert found[f"{run}/step-{step:08d}/{entry['name']}"] == entry["size"]
+
+
+def test_a_cluster_too_small_is_refused_before_anything_is_scheduled(s3_server):
+    from data_pipelines.synthetic import write_synthetic
+
+    bucket = s3_server.create_bucket("too-small")
+    write_synthetic("multi_label", f"{bucket}/synth", num_samples=64, image_size=32, factory=s3_server.client_factory(),
+                    progress=False)
+    env = dict(os.environ, **s3_server.environment())
+    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-B/16", "--dataset", "JFT-300M", "--data",
+                          f"{bucket}/synth", "--checkpoints", f"{bucket}/runs", "--workers", "64", "--gpus-per-worker", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"pretrain\.py: error: the cluster has \d+ CPUs and 0 GPUs; this run asks for 64 workers x "
+                        r"\(1 CPU, 1 GPU\) = 64 CPUs and 64 GPUs", last), last
+    assert "Traceback" not in out.stderr
+
+
+def test_unreachable_checkpoint_location_is_refused(s3_server):
+    env = dict(os.environ, **s3_server.environment())
+    bucket = s3_server.create_bucket("reachable-data")
+    from data_pipelines.synthetic import write_synthetic
+
+    write_synthetic("multi_label", f"{bucket}/synth", num_samples=32, image_size=32, factory=s3_server.client_factory(),
+                    progress=False)
+    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-B/16", "--dataset", "JFT-300M", "--data",
+                          f"{bucket}/synth", "--checkpoints", "s3://no-such-bucket-here/runs"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "pretrain.py: error: s3://no-such-bucket-here: 404: not found (missing bucket or object)"
