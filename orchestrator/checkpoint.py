@@ -32,6 +32,7 @@ own classes.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -148,24 +149,50 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-class _WeightsOnlyLoads:
-    """Wraps DeepSpeed's checkpoint engine; everything but `load` passes through."""
+class _CheckpointFiles:
+    """Wraps DeepSpeed's checkpoint engine: weights-only loads, and saves as snapshots.
+
+    While `capture` is on, `save(state_dict, path)` copies the tensors to host memory and
+    returns; the upload thread writes and uploads the files (`write`). Training waits only
+    for the copy, not for the disk. Everything else passes through to DeepSpeed's engine.
+    """
 
     def __init__(self, inner):
         self.inner = inner
+        self.capture = False
+        self.pending: list[tuple[str, Any]] = []
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # `save` snapshots (clones) every tensor itself; DeepSpeed need not
+
+    def save(self, state_dict, path: str) -> None:
+        if not self.capture:
+            return self.inner.save(state_dict, path)
+        from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+
+        self.pending.append((path, clone_tensors_for_torch_save(state_dict)))
+
+    def write(self, state_dict, path: str) -> None:
+        self.inner.save(state_dict, path)
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_files(engine) -> _CheckpointFiles:
+    """Install (once) and return the wrapper around `engine`'s checkpoint engine."""
+    if not isinstance(engine.checkpoint_engine, _CheckpointFiles):
+        engine.checkpoint_engine = _CheckpointFiles(engine.checkpoint_engine)
+    return engine.checkpoint_engine
+
+
 def install_weights_only_loading(engine) -> None:
     """Make `engine.load_checkpoint` use `torch.load(weights_only=True)` for every file."""
-    if not isinstance(engine.checkpoint_engine, _WeightsOnlyLoads):
-        engine.checkpoint_engine = _WeightsOnlyLoads(engine.checkpoint_engine)
+    checkpoint_files(engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,10 +264,17 @@ class CheckpointManager:
         local = os.path.join(self.staging_dir, tag)
         shutil.rmtree(local, ignore_errors=True)
         os.makedirs(local, exist_ok=True)
-        engine.save_checkpoint(self.staging_dir, tag=tag, save_latest=False)
+        files = checkpoint_files(engine)
+        files.capture, files.pending = True, []
+        try:
+            engine.save_checkpoint(self.staging_dir, tag=tag, save_latest=False)
+        finally:
+            files.capture = False
+        snapshots, files.pending = files.pending, []
         report = RankReport(rank=self.rank, ok=True, loader_state=loader_state, rng=capture_rng())
         self._thread = threading.Thread(
-            target=self._upload_and_commit, args=(step, local, report, config), name=f"checkpoint-{tag}", daemon=True
+            target=self._upload_and_commit, args=(step, local, report, config, files, snapshots),
+            name=f"checkpoint-{tag}", daemon=True,
         )
         self._thread.start()
         self.last_stall_seconds = time.perf_counter() - started
@@ -255,14 +289,26 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
 
-    def _upload_and_commit(self, step: int, local: str, report: RankReport, config: dict[str, Any]) -> None:
+    def _upload_and_commit(self, step: int, local: str, report: RankReport, config: dict[str, Any],
+                           files: _CheckpointFiles, snapshots: list[tuple[str, Any]]) -> None:
         step_url = join_location(self.url, step_name(step))
         started = time.perf_counter()
         try:
-            for name in sorted(os.listdir(local)):
-                path = os.path.join(local, name)
-                digest = self._upload_with_retries(path, join_location(step_url, name))
-                report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
+            # Write file i+1 to staging while file i uploads.
+            with concurrent.futures.ThreadPoolExecutor(1) as uploads:
+                pending = []
+                while snapshots:
+                    path, state = snapshots.pop(0)
+                    files.write(state, path)
+                    del state
+                    name = os.path.relpath(path, local)
+                    pending.append((name, path, uploads.submit(self._upload_with_retries, path, join_location(step_url, name))))
+                written = {name for name, _, _ in pending}
+                for name in sorted(set(os.listdir(local)) - written):  # anything DeepSpeed wrote directly
+                    path = os.path.join(local, name)
+                    pending.append((name, path, uploads.submit(self._upload_with_retries, path, join_location(step_url, name))))
+                for name, path, digest in pending:
+                    report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest.result(), rank=self.rank))
         except DataSourceError as error:
             report = RankReport(rank=self.rank, ok=False, error=str(error))
         try:

@@ -18,6 +18,7 @@ ranks agree (one all-reduce) that every rank has a batch and that every loss is 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -98,7 +99,10 @@ class _Worker:
 
     def log(self, message: str) -> None:
         if self.rank == 0:
-            print(message, flush=True)
+            # Ray Train routes `print` through its logger and also echoes it, which doubles
+            # every line in the driver's output; the process's own stdout shows it once.
+            sys.__stdout__.write(message + "\n")
+            sys.__stdout__.flush()
 
     # --- the loop ---------------------------------------------------------------------------
 
