@@ -16,9 +16,11 @@ Layout under the checkpoint URL:
 
 A checkpoint exists only when its manifest exists and every file it lists is there with the
 stated size and, once downloaded, the stated sha256. DeepSpeed's own `latest` file is never
-written or read. Uploads run in a background thread: training goes on while a checkpoint
-uploads, at most one upload is in flight, and `save` waits only while the previous one is
-still running; that wait plus the local save is the stall, counted in `stall_seconds`.
+written or read. `save` lets DeepSpeed assemble its state dicts, copies their tensors to host
+memory and returns; a background thread writes the files to staging and uploads them (file
+i uploads while file i+1 is written). At most one checkpoint is in flight, and `save` waits
+only while the previous one is still going; that wait plus the copy is the stall, counted in
+`stall_seconds`.
 
 Ranks coordinate through the store itself (their reports), not through collectives, so that
 the upload thread never issues a collective beside the training loop's. The only collectives
@@ -188,11 +190,6 @@ def checkpoint_files(engine) -> _CheckpointFiles:
     if not isinstance(engine.checkpoint_engine, _CheckpointFiles):
         engine.checkpoint_engine = _CheckpointFiles(engine.checkpoint_engine)
     return engine.checkpoint_engine
-
-
-def install_weights_only_loading(engine) -> None:
-    """Make `engine.load_checkpoint` use `torch.load(weights_only=True)` for every file."""
-    checkpoint_files(engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +426,7 @@ class CheckpointManager:
             if problems:
                 self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
                 continue
-            install_weights_only_loading(engine)
+            checkpoint_files(engine)  # every file DeepSpeed loads goes through weights-only torch.load
             path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint step {step} from {self.staging_dir}")
