@@ -16,7 +16,7 @@ import os
 import sys
 
 from data_pipelines.manifest import Manifest, load_shard_list
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, join_location, parse_s3_url
+from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, join_location, parse_s3_url, s3_errors
 from data_pipelines.storage import list_names, read_bytes
 
 
@@ -41,11 +41,9 @@ def check_writable(destination: str, factory: S3ClientFactory | None = None) -> 
     """Raise `DataSourceError` unless the bucket exists and answers, or the folder can be created."""
     if is_s3_url(destination):
         location = parse_s3_url(destination)
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             (factory or S3ClientFactory()).client().head_bucket(Bucket=location.bucket)
-        except (ClientError, BotoCoreError) as error:
+        except s3_errors() as error:
             raise DataSourceError(describe_client_error(error, f"s3://{location.bucket}")) from None
         return
     try:

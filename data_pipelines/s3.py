@@ -142,6 +142,14 @@ def _process_clients() -> dict:
     return _clients[pid]
 
 
+def s3_errors() -> tuple[type[BaseException], ...]:
+    """What boto3 raises for a failed S3 call (imported lazily: boto3 is slow to import)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError, S3UploadFailedError)
+
+
 def describe_client_error(error: Exception, url: str) -> str:
     """One line for a botocore error on `url`: the code and what it usually means, no secrets."""
     response = getattr(error, "response", None) or {}

@@ -13,16 +13,10 @@ import sys
 from typing import BinaryIO
 
 from data_pipelines.s3 import (
-    DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url,
+    DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
 )
 
 READ_BUFFER_BYTES = 1 << 20
-
-
-def _s3_errors():
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (ClientError, BotoCoreError)
 
 
 def list_names(url: str, factory: S3ClientFactory | None = None) -> list[tuple[str, int]]:
@@ -30,7 +24,7 @@ def list_names(url: str, factory: S3ClientFactory | None = None) -> list[tuple[s
     if is_s3_url(url):
         try:
             return list_objects(factory or S3ClientFactory(), parse_s3_url(url))
-        except _s3_errors() as error:
+        except s3_errors() as error:
             raise DataSourceError(describe_client_error(error, url)) from None
     if not os.path.isdir(url):
         raise DataSourceError(f"{url}: no such folder")
@@ -42,7 +36,7 @@ def read_bytes(url: str, factory: S3ClientFactory | None = None) -> bytes:
         location = parse_s3_url(url)
         try:
             return (factory or S3ClientFactory()).client().get_object(Bucket=location.bucket, Key=location.prefix)["Body"].read()
-        except _s3_errors() as error:
+        except s3_errors() as error:
             raise DataSourceError(describe_client_error(error, url)) from None
     try:
         with open(url, "rb") as f:
@@ -56,7 +50,7 @@ def write_bytes(url: str, data: bytes, factory: S3ClientFactory | None = None) -
         location = parse_s3_url(url)
         try:
             (factory or S3ClientFactory()).client().put_object(Bucket=location.bucket, Key=location.prefix, Body=data)
-        except _s3_errors() as error:
+        except s3_errors() as error:
             raise DataSourceError(describe_client_error(error, url)) from None
         return
     os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
@@ -91,7 +85,7 @@ def open_stream(url: str, factory: S3ClientFactory | None = None) -> BinaryIO:
         location = parse_s3_url(url)
         try:
             body = (factory or S3ClientFactory()).client().get_object(Bucket=location.bucket, Key=location.prefix)["Body"]
-        except _s3_errors() as error:
+        except s3_errors() as error:
             raise DataSourceError(describe_client_error(error, url)) from None
         return io.BufferedReader(_BodyReader(body), buffer_size=READ_BUFFER_BYTES)
     try:

@@ -16,7 +16,9 @@ import hashlib
 import os
 import shutil
 
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url
+from data_pipelines.s3 import (
+    DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
+)
 
 CHUNK_BYTES = 8 << 20
 
@@ -26,13 +28,6 @@ def transfer_config():
 
     # 16 MiB parts, 8 in flight: close to the line rate on loopback and on EC2 alike.
     return TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=8, use_threads=True)
-
-
-def _s3_errors():
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (ClientError, BotoCoreError, S3UploadFailedError)
 
 
 def sha256_file(path: str) -> str:
@@ -52,7 +47,7 @@ def upload_file(path: str, url: str, factory: S3ClientFactory | None = None) -> 
             try:
                 client = (factory or S3ClientFactory()).client()
                 client.upload_file(path, location.bucket, location.prefix, Config=transfer_config())
-            except _s3_errors() as error:
+            except s3_errors() as error:
                 raise DataSourceError(describe_client_error(error, url)) from None
         else:
             os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
@@ -70,7 +65,7 @@ def download_file(url: str, path: str, factory: S3ClientFactory | None = None) -
         try:
             client = (factory or S3ClientFactory()).client()
             client.download_file(location.bucket, location.prefix, partial, Config=transfer_config())
-        except _s3_errors() as error:
+        except s3_errors() as error:
             raise DataSourceError(describe_client_error(error, url)) from None
     else:
         try:
@@ -88,7 +83,7 @@ def delete_file(url: str, factory: S3ClientFactory | None = None) -> None:
     location = parse_s3_url(url)
     try:
         (factory or S3ClientFactory()).client().delete_object(Bucket=location.bucket, Key=location.prefix)
-    except _s3_errors() as error:
+    except s3_errors() as error:
         raise DataSourceError(describe_client_error(error, url)) from None
 
 
@@ -108,7 +103,7 @@ def delete_prefix(url: str, factory: S3ClientFactory | None = None) -> int:
             if keys:
                 client.delete_objects(Bucket=location.bucket, Delete={"Objects": keys, "Quiet": True})
                 count += len(keys)
-    except _s3_errors() as error:
+    except s3_errors() as error:
         raise DataSourceError(describe_client_error(error, url)) from None
     return count
 
@@ -126,7 +121,7 @@ def abort_multipart_uploads(url: str, factory: S3ClientFactory | None = None) ->
             for upload in page.get("Uploads", []):
                 client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 count += 1
-    except _s3_errors() as error:
+    except s3_errors() as error:
         raise DataSourceError(describe_client_error(error, url)) from None
     return count
 
@@ -142,5 +137,5 @@ def list_prefix(url: str, factory: S3ClientFactory | None = None) -> dict[str, i
         return found
     try:
         return dict(list_objects(factory or S3ClientFactory(), parse_s3_url(url)))
-    except _s3_errors() as error:
+    except s3_errors() as error:
         raise DataSourceError(describe_client_error(error, url)) from None

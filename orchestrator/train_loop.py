@@ -108,13 +108,11 @@ class _Worker:
 
     def run(self) -> None:
         run = self.run_config
-        restored = self._restore()
+        self._restore()
         self._record(f"start {self.step} pid {os.getpid()}")
         self.log(f"training {run.model} on {run.data}: steps {self.step} -> {run.steps} of {run.total_steps}, "
                  f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation, "
                  f"{self.device}, {torch.get_num_threads()} CPU threads")
-        if restored is None and self.step == 0 and self.rank == 0:
-            self.log("no checkpoint to resume from: starting at step 0")
         window_start, window_images, last_loss = time.perf_counter(), 0, float("nan")
         while self.step < run.steps:
             lr = learning_rate(self.step, base_lr=run.base_lr, total_steps=run.total_steps,
@@ -207,7 +205,8 @@ class _Worker:
             self.step = restored.step
             self.loader.load_state_dict([r.loader_state for r in restored.manifest.ranks])
             self._batches = None
-        return restored
+        else:
+            self.log("no checkpoint to resume from: starting at step 0")
 
     def _parameters_finite(self) -> bool:
         finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
