@@ -10,6 +10,7 @@ always wins and is listed in `overrides`) and validates the result. Every proble
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -44,6 +45,7 @@ DRY_RUN = {
     "checkpoint_every": 20,
     "data_workers": 1,
     "log_every": 5,
+    "metrics_address": "127.0.0.1",
 }
 
 
@@ -101,6 +103,12 @@ class PretrainConfig(BaseModel):
     keep_checkpoint_every: int = Field(default=0, ge=0)  # plus every step divisible by this
     max_failures: int = Field(default=3, ge=-1)  # Ray Train worker-group restarts (-1: no limit)
     log_every: int = Field(default=10, gt=0)
+    # Prometheus /metrics of the driver (metrics_port) and of the worker with local rank i
+    # (metrics_port + 1 + i), served on metrics_address: "node" is the Ray node's IP (the pod
+    # IP on Kubernetes), "off" serves nothing, anything else is an IP address to bind.
+    metrics_address: str = "node"
+    metrics_port: int = Field(default=9400, ge=1, le=65000)
+    peak_flops: float | None = Field(default=None, gt=0.0)  # per device, for MFU; None: datasheet or measured
     finetune: bool = True
     dry_run: bool = False
     recipe_model: str  # the table row the settings come from (a debug twin's paper twin)
@@ -115,6 +123,16 @@ class PretrainConfig(BaseModel):
                 raise ValueError(f"bucket name {bucket!r} is not a valid S3 bucket name "
                                  f"(3-63 lowercase letters, digits, '.' and '-')")
         return url
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address_is_valid(cls, address: str) -> str:
+        if address not in ("node", "off"):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"metrics_address {address!r} is not 'node', 'off' or an IP address") from None
+        return address
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> "PretrainConfig":

@@ -7,18 +7,25 @@ synthetic webdataset shards on S3 (written first when `--data` holds none), Ray 
 workers running DeepSpeed, checkpoints committed to S3, weights exported at the end. With no
 S3 endpoint configured (AWS_ENDPOINT_URL), a SeaweedFS server is started on 127.0.0.1 for the
 run and stopped after it.
+
+Every worker and the driver serve Prometheus metrics on 127.0.0.1. When the `prometheus`
+binary is installed (Debian: `apt-get install prometheus`), a real Prometheus scrapes the run
+and afterwards the Grafana dashboard's panels are drawn from it as PNG files into
+`runs/<run name>/metrics/` (and copied beside the checkpoints, `<checkpoints>/<run>/metrics/`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Callable
 
 from orchestrator.config import PretrainConfig
 
 BUCKET = "vitscale-dry-run"
-NOT_BUILT_YET = ("Prometheus metrics", "the fine-tuning fan-out")
+NOT_BUILT_YET = ("the fine-tuning fan-out",)
+OUTPUT = "runs"  # local folder for what outlives the embedded S3 (gitignored)
 
 
 @contextlib.contextmanager
@@ -84,6 +91,51 @@ def run(config: PretrainConfig, log: Callable[[str], None] = print) -> dict:
 
     with storage_for(config, log) as config:
         ensure_shards(config, log)
-        metrics = run_pretraining(config, log=log)
+        with observed(config, log) as (config, plot):
+            metrics = run_pretraining(config, log=log, metrics_linger=2.0)
+            plot()
     log("dry run: not built yet, so not run: " + "; ".join(NOT_BUILT_YET))
     return metrics
+
+
+@contextlib.contextmanager
+def observed(config: PretrainConfig, log: Callable[[str], None]):
+    """A local Prometheus scraping the run (if installed), and a function that plots the run."""
+    from orchestrator.local_prometheus import LocalPrometheus, PrometheusError, free_ports
+
+    if config.metrics_address == "off" or not LocalPrometheus.available():
+        if config.metrics_address != "off":
+            log("dry run: metrics are served, but no `prometheus` binary is installed: no plots")
+        yield config, lambda: None
+        return
+    if "metrics_port" not in config.overrides:  # the default port may be taken on a laptop
+        config = config.model_copy(update={"metrics_port": free_ports(config.workers + 1)})
+    host = config.metrics_address
+    # The driver, then one worker per local rank (all workers are on this machine).
+    targets = [f"{host}:{config.metrics_port + i}" for i in range(config.workers + 1)]
+    out = os.path.join(OUTPUT, config.run_name)
+    try:
+        prometheus = LocalPrometheus(targets, data_dir=os.path.join(out, "prometheus")).start()
+    except PrometheusError as error:
+        log(f"dry run: {error}: no plots")
+        yield config, lambda: None
+        return
+    log(f"dry run: Prometheus at {prometheus.url} scraping {', '.join(targets)}")
+    began = time.time()
+
+    def plot() -> None:
+        from data_pipelines.s3 import join_location
+        from data_pipelines.transfer import upload_file
+        from orchestrator.metric_plots import plot_dashboard
+
+        pictures = plot_dashboard(prometheus, run=config.run_name, start=began, end=time.time(),
+                                  out_dir=os.path.join(out, "metrics"))
+        remote = join_location(join_location(config.checkpoints, config.run_name), "metrics")
+        for path in pictures:
+            upload_file(path, join_location(remote, os.path.basename(path)))
+        log(f"dry run: {len(pictures)} metric plots from Prometheus in {os.path.join(out, 'metrics')} and {remote}")
+
+    try:
+        yield config, plot
+    finally:
+        prometheus.stop()

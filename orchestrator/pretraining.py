@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from typing import Callable
 
 from orchestrator.config import ConfigError, PretrainConfig
@@ -91,9 +92,33 @@ def check_resources(config: PretrainConfig, ray) -> None:
         )
 
 
+def start_driver_metrics(config: PretrainConfig, ray, log: Callable[[str], None]):
+    """The driver's exporter, and the run monitor actor the workers report their starts to."""
+    from orchestrator.metrics import DriverMetrics, MetricsError, RunMonitor, bind_address, metrics_port, monitor_name
+
+    monitor = ray.remote(num_cpus=0)(RunMonitor).options(name=monitor_name(config.run_name), get_if_exists=True).remote()
+    starts = lambda: ray.get(monitor.count.remote(), timeout=5)  # noqa: E731
+    kwargs = dict(model=config.model, dataset=config.dataset, workers=config.workers, starts=starts,
+                  port=metrics_port(config.metrics_port, None))
+    try:
+        metrics = DriverMetrics(config.run_name, address=bind_address(config.metrics_address), **kwargs)
+    except MetricsError as error:
+        log(f"warning: {error}; the run goes on without the driver's metrics")
+        metrics = DriverMetrics(config.run_name, address=None, **kwargs)
+    if metrics.url:
+        log(f"driver metrics at {metrics.url}")
+    metrics.monitor = monitor  # killed with the exporter at the end of the run
+    return metrics
+
+
 def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = print,
-                    record_dir: str | None = None, nan_loss_at: dict[int, int] | None = None) -> dict:
-    """Preflight, then train; returns the last metrics reported by rank 0."""
+                    record_dir: str | None = None, nan_loss_at: dict[int, int] | None = None,
+                    metrics_linger: float = 0.0) -> dict:
+    """Preflight, then train; returns the last metrics reported by rank 0.
+
+    While it trains, the driver serves its own metrics (run info, workers, restarts) on
+    `metrics_port`; each worker serves its own (orchestrator/metrics.py).
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -103,11 +128,13 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     ray = connect_ray(config)
     check_resources(config, ray)
     log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
+    driver_metrics = start_driver_metrics(config, ray, log)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
     staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at),
+        train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
+                                        metrics_linger=metrics_linger),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
@@ -117,6 +144,11 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
         result = trainer.fit()
     except Exception as error:  # ray.train.TrainingFailedError and its kin
         raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
+    finally:
+        if metrics_linger:
+            time.sleep(metrics_linger)
+        driver_metrics.close()
+        ray.kill(driver_metrics.monitor)
     if result.error is not None:
         raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
     return dict(result.metrics or {})

@@ -18,6 +18,7 @@ ranks agree (one all-reduce) that every rank has a batch and that every loss is 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -34,7 +35,7 @@ NONFINITE_ROLLBACK = 3
 
 
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
-                  nan_loss_at: dict[int, int] | None = None) -> dict[str, Any]:
+                  nan_loss_at: dict[int, int] | None = None, metrics_linger: float = 0.0) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -43,9 +44,11 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             so a test can check what a run saw.
         nan_loss_at: fault injection for tests: {step: n} makes the next n micro-batch losses
             NaN once the run has completed `step` optimizer steps.
+        metrics_linger: seconds a worker keeps serving its final metrics before it exits, so a
+            scraper sees the end of a short run.
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
-            "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()}}
+            "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()}, "metrics_linger": metrics_linger}
 
 
 def checkpoint_url(config: PretrainConfig) -> str:
@@ -65,11 +68,11 @@ def train_loop(config: dict[str, Any]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     context = ray.train.get_context()
-    _Worker(config, context.get_world_rank(), context.get_world_size()).run()
+    _Worker(config, context.get_world_rank(), context.get_world_size(), context.get_local_rank()).run()
 
 
 class _Worker:
-    def __init__(self, config: dict[str, Any], rank: int, world_size: int):
+    def __init__(self, config: dict[str, Any], rank: int, world_size: int, local_rank: int = 0):
         from data_pipelines.stream import ShardLoader
         from orchestrator.engine import build_engine
 
@@ -96,6 +99,7 @@ class _Worker:
         self.nonfinite_in_a_row = 0
         self.rollbacks = 0
         self._batches = None
+        self.metrics = self._start_metrics(local_rank, float(config.get("metrics_linger") or 0.0))
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -109,6 +113,7 @@ class _Worker:
     def run(self) -> None:
         run = self.run_config
         self._restore()
+        self._announce_start()
         self._record(f"start {self.step} pid {os.getpid()}")
         self.log(f"training {run.model} on {run.data}: steps {self.step} -> {run.steps} of {run.total_steps}, "
                  f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation, "
@@ -119,11 +124,15 @@ class _Worker:
                                warmup_steps=run.warmup_steps, decay=run.lr_decay)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
+            step_began, self.data_wait = time.perf_counter(), 0.0
             losses = self._one_step()
             if losses is None:  # rolled back
+                self._step_metrics()
                 continue
             self.step += 1
+            self.images_seen += run.micro_batch_size * run.gradient_accumulation_steps
             last_loss = sum(losses) / len(losses)
+            self._step_metrics(loss=last_loss, lr=lr, seconds=time.perf_counter() - step_began)
             window_images += run.global_batch_size
             if self.step % run.log_every == 0 or self.step == run.steps:
                 seconds = time.perf_counter() - window_start
@@ -132,10 +141,14 @@ class _Worker:
             if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                 self._save()
         self.checkpoints.close()
+        self._step_metrics()
         if self.checkpoints.last_committed_step != run.steps and self.rank == 0:
             self.log(f"warning: the final checkpoint (step {run.steps}) did not commit: {self.checkpoints.last_error}")
         self._export()
         self.log(f"finished at step {self.step}, loss {last_loss:.4f}")
+        if self.metrics_linger:
+            time.sleep(self.metrics_linger)
+        self.metrics.close()
 
     def _one_step(self) -> list[float] | None:
         """One optimizer step; None when it ended in a rollback."""
@@ -182,9 +195,12 @@ class _Worker:
     # --- data -----------------------------------------------------------------------------
 
     def _next_batch(self) -> dict | None:
+        began = time.perf_counter()
         if self._batches is None:
             self._batches = iter(self.loader)
-        return next(self._batches, None)
+        batch = next(self._batches, None)
+        self.data_wait += time.perf_counter() - began
+        return batch
 
     def _next_epoch(self) -> None:
         self._batches = None  # stops this epoch's DataLoader workers
@@ -221,6 +237,7 @@ class _Worker:
         # DataLoader prefetch that were not handed out are not in it.
         self.checkpoints.save(self.engine, self.step, loader_state=self.loader.state_dict(),
                               config=self.run_config.model_dump(mode="json"))
+        self.metrics.log({"vitscale_checkpoint_save_seconds": self.checkpoints.last_stall_seconds})
 
     def _roll_back(self) -> None:
         """Back to the last committed checkpoint; the data stream keeps its position."""
@@ -251,6 +268,80 @@ class _Worker:
         )
         if digest is not None:
             self.log(f"exported weights to {weights_url(run)} (sha256 {digest[:12]})")
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def _start_metrics(self, local_rank: int, linger: float):
+        from model import forward_flops
+        from orchestrator.metrics import MetricsError, WorkerMetrics, bind_address, device_peak_flops, metrics_port
+
+        run = self.run_config
+        self.metrics_linger = linger
+        self.images_seen, self.data_wait = 0, 0.0
+        self._uploads_seen, self._committed_seen, self._commit_time = 0.0, None, time.time()
+        address, port = bind_address(run.metrics_address), metrics_port(run.metrics_port, local_rank)
+        try:
+            metrics = WorkerMetrics(run.run_name, self.rank, socket.gethostname(), address=address, port=port)
+        except MetricsError as error:
+            self.log(f"warning: {error}; training goes on without serving metrics")
+            metrics = WorkerMetrics(run.run_name, self.rank, socket.gethostname(), address=None, port=port)
+        # MFU: forward + backward ~ 3 x forward FLOPs per image, from the size table.
+        self.flops_per_image = 3 * forward_flops(run.model, run.image_size)
+        if run.peak_flops:
+            self.peak_flops, source = run.peak_flops, "peak_flops setting"
+        else:
+            self.peak_flops, source = device_peak_flops(self.device, self.dtype)
+        if metrics.url:
+            self.log(f"metrics at {metrics.url} (rank {self.rank}); MFU against {self.peak_flops:.3g} FLOP/s ({source})")
+        metrics.log({"vitscale_worker_start_time_seconds": time.time(),
+                     "vitscale_checkpoint_last_commit_timestamp_seconds": self._commit_time})
+        return metrics
+
+    def _announce_start(self) -> None:
+        """Rank 0 tells the driver's run monitor that the worker group (re)started."""
+        if self.rank != 0:
+            return
+        import ray
+
+        from orchestrator.metrics import monitor_name
+
+        try:
+            ray.get(ray.get_actor(monitor_name(self.run_config.run_name)).worker_group_started.remote(), timeout=30)
+        except ValueError:  # no monitor: train_loop run outside run_pretraining
+            pass
+
+    def _step_metrics(self, *, loss: float | None = None, lr: float | None = None, seconds: float | None = None) -> None:
+        from orchestrator.metrics import accelerator_memory
+
+        checkpoints = self.checkpoints
+        values = {
+            "vitscale_step": self.step, "vitscale_images_total": self.images_seen,
+            "vitscale_nonfinite_steps_total": self.nonfinite_total, "vitscale_rollbacks_total": self.rollbacks,
+            "vitscale_samples_skipped_total": self.loader.stats["skipped_samples"] + self.loader.stats["missing_samples"],
+            "vitscale_checkpoint_uploaded_bytes_total": checkpoints.uploaded_bytes,
+            "vitscale_checkpoint_failures_total": checkpoints.failures_total,
+        }
+        values["vitscale_accelerator_memory_bytes"], values["vitscale_accelerator_memory_peak_bytes"] = accelerator_memory(self.device)
+        if checkpoints.upload_seconds > self._uploads_seen:
+            values["vitscale_checkpoint_upload_seconds"] = checkpoints.upload_seconds - self._uploads_seen
+            self._uploads_seen = checkpoints.upload_seconds
+        if checkpoints.last_committed_step != self._committed_seen:
+            self._committed_seen, self._commit_time = checkpoints.last_committed_step, time.time()
+        values["vitscale_checkpoint_last_committed_step"] = self._committed_seen or 0
+        values["vitscale_checkpoint_last_commit_timestamp_seconds"] = self._commit_time
+        if seconds is not None:
+            run = self.run_config
+            values.update({
+                "vitscale_loss": loss, "vitscale_learning_rate": lr, "vitscale_step_seconds": seconds,
+                "vitscale_data_wait_seconds": self.data_wait,
+                "vitscale_images_per_second": run.global_batch_size / seconds,
+                "vitscale_mfu_ratio": self.flops_per_image * run.micro_batch_size * run.gradient_accumulation_steps
+                / seconds / self.peak_flops,
+            })
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                values["vitscale_grad_norm"] = float(norm)
+        self.metrics.log(values, self.step)
 
     # --- reporting --------------------------------------------------------------------------
 

@@ -97,6 +97,13 @@ def test_dry_run_trains_the_twin_end_to_end():
     assert "wrote multi_label shards" in text
     assert "checkpoint step 10 committed" in text and "finished at step 10" in text
     assert "not built yet" in text and "fine-tuning fan-out" in text
+    # Metrics: served on loopback, scraped by a real Prometheus, the dashboard drawn from it.
+    assert re.search(r"driver metrics at http://127\.0\.0\.1:\d+/metrics", text)
+    plots = re.search(r"dry run: (\d+) metric plots from Prometheus in (\S+) and s3://", text)
+    assert plots and int(plots.group(1)) >= 20, text[-3000:]
+    folder = os.path.join(ROOT, plots.group(2))
+    assert sorted(os.listdir(folder))[0].endswith(".png")
+    assert all(open(os.path.join(folder, p), "rb").read(4) == b"\x89PNG" for p in os.listdir(folder))
     losses = [float(x) for x in re.findall(r"step \d+ nonfinite_total .*? loss (\S+)", text)]
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     for name in ("AWS_SECRET_ACCESS_KEY", "secret"):

@@ -1,0 +1,122 @@
+"""Prometheus metrics: the exporter on its own, then a real Prometheus scraping a real 2-worker run."""
+
+import math
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from data_pipelines.transfer import list_prefix
+from orchestrator.local_prometheus import LocalPrometheus, free_ports
+from orchestrator.metric_plots import DASHBOARD, dashboard_panels, plot_dashboard
+from orchestrator.metrics import FAMILIES, DriverMetrics, MetricsError, WorkerMetrics
+from orchestrator.pretraining import run_pretraining
+from orchestrator.train_loop import checkpoint_url
+from tests.orchestrator.conftest import config_for
+
+
+def scrape(url: str) -> dict[str, float]:
+    """{'name{label="v",...}': value} of one /metrics page."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_worker_exporter_sets_gauges_advances_counters_and_observes_histograms():
+    metrics = WorkerMetrics("r", 3, "node-a", address="127.0.0.1", port=free_ports(1))
+    try:
+        metrics.log({"vitscale_loss": 2.5, "vitscale_images_total": 64, "vitscale_step_seconds": [0.2, 0.7]}, 1)
+        metrics.log({"vitscale_loss": 2.0, "vitscale_images_total": 128, "vitscale_step_seconds": 0.3}, 2)
+        page = scrape(metrics.url)
+    finally:
+        metrics.close()
+    labels = "node=node-a,rank=3,run=r"
+    assert page[f"vitscale_loss{{{labels}}}"] == 2.0
+    assert page[f"vitscale_images_total{{{labels}}}"] == 128  # running totals, not increments
+    assert page[f"vitscale_step_seconds_count{{{labels}}}"] == 3
+    assert page[f"vitscale_step_seconds_sum{{{labels}}}"] == pytest.approx(1.2)
+    assert not any("_created" in k for k in page)
+    exposed = {re.sub(r"(_bucket|_sum|_count)?\{.*", "", k) for k in page if k.startswith("vitscale_")}
+    worker = {f.name for f in FAMILIES if f.source == "worker"}
+    # Counters and histograms from the start; a gauge only once it has a value.
+    assert {f.name for f in FAMILIES if f.source == "worker" and f.kind != "gauge"} | {"vitscale_loss"} == exposed
+    assert exposed <= worker
+
+
+def test_driver_counts_restarts_at_scrape_time_and_a_taken_port_is_a_clear_error():
+    starts = [1]
+    port = free_ports(1)
+    driver = DriverMetrics("r", model="ViT-Mu/4", dataset="JFT-300M", workers=4, starts=lambda: starts[0],
+                           address="127.0.0.1", port=port)
+    try:
+        assert scrape(driver.url)["vitscale_restarts_total{run=r}"] == 0
+        starts[0] = 3
+        page = scrape(driver.url)
+        assert page["vitscale_restarts_total{run=r}"] == 2
+        assert page["vitscale_workers{run=r}"] == 4
+        assert page["vitscale_run_info{dataset=JFT-300M,model=ViT-Mu/4,run=r}"] == 1
+        with pytest.raises(MetricsError, match=rf"127.0.0.1:{port}.*metrics_port"):
+            WorkerMetrics("r", 0, "n", address="127.0.0.1", port=port)
+    finally:
+        driver.close()
+
+
+def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path, capfd):
+    """A real Prometheus scrapes the driver and both workers; a worker is killed after the first
+    commit and the group restarts. Every dashboard query returns data, and the values agree
+    with what the run did."""
+    base = free_ports(3)
+    config = config_for(cluster, "observed", max_steps=12, checkpoint_every=4, log_every=2, metrics_port=base)
+    record = tmp_path / "record"
+    record.mkdir()
+    with LocalPrometheus([f"127.0.0.1:{base + i}" for i in range(3)], data_dir=str(tmp_path / "prometheus")) as prometheus:
+        began = time.time()
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.update(metrics=run_pretraining(
+            config, record_dir=str(record), nan_loss_at={1: 1}, metrics_linger=3.0)))
+        runner.start()
+        deadline = time.monotonic() + 300
+        while "step-00000004/manifest.json" not in list_prefix(checkpoint_url(config)) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        time.sleep(2.0)  # scraped at least once past the commit
+        pid = re.findall(r"start 0 pid (\d+)", open(record / "rank-1.log").read())[0]
+        os.kill(int(pid), signal.SIGKILL)
+        runner.join(timeout=600)
+        ended = time.time()
+        out = capfd.readouterr().out
+        assert re.search(r"metrics at http://127\.0\.0\.1:\d+/metrics \(rank 0\)", out), out[-3000:]
+        assert "metrics" in outcome, "the run did not finish after the worker was killed"
+
+        def peak(expr):
+            return max(float(v) for r in prometheus.query_range(expr, began, ended) for _, v in r["values"])
+
+        run = f'run="{config.run_name}"'
+        assert peak(f"max(vitscale_step{{{run}}})") == 12
+        assert peak(f"max(vitscale_checkpoint_last_committed_step{{{run}}})") == 12
+        assert peak(f"vitscale_restarts_total{{{run}}}") == 1
+        assert peak(f"sum(changes(vitscale_worker_start_time_seconds{{{run}}}[5m]))") >= 1
+        assert peak(f"max(vitscale_nonfinite_steps_total{{{run}}})") == 1
+        assert peak(f'vitscale_workers{{{run}}}') == 2
+        ranks = {r["metric"]["rank"] for r in prometheus.query_range(f"vitscale_loss{{{run}}}", began, ended)}
+        assert ranks == {"0", "1"}
+        # The restarted group's rank 0 counts from its resume step: 16 images a step per rank.
+        resumed = int(re.findall(r"resumed from step (\d+)", out)[0])
+        [series] = prometheus.query_range(f'vitscale_images_total{{{run},rank="0"}}', ended - 20, ended)
+        assert float(series["values"][-1][1]) == (12 - resumed) * 16
+        mfu = peak(f"max(vitscale_mfu_ratio{{{run}}})")
+        assert 0 < mfu < 1.5, mfu
+
+        panels = dashboard_panels(DASHBOARD, run=config.run_name)
+        assert len(panels) >= len(FAMILIES) - 3
+        empty = [(title, expr) for title, exprs, _ in panels for expr in exprs
+                 if not any(not math.isnan(float(v)) for r in prometheus.query_range(expr, began, ended)
+                            for _, v in r["values"])]
+        assert not empty, f"dashboard queries without data: {empty}"
+        pictures = plot_dashboard(prometheus, run=config.run_name, start=began, end=ended, out_dir=str(tmp_path / "plots"))
+        assert len(pictures) == len(panels)
+        assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pictures)
