@@ -1,5 +1,6 @@
-"""The local Ray cluster and run configs the pretraining tests share."""
+"""Shared by the orchestrator tests: checkpoint prefixes, the local Ray cluster, run configs."""
 
+import itertools
 import os
 
 import pytest
@@ -9,6 +10,14 @@ from orchestrator.config import resolve_pretrain_config
 from orchestrator.pretraining import connect_ray
 
 SAMPLES = 512
+_numbers = itertools.count()
+
+
+@pytest.fixture
+def run_url(s3_server):
+    """A fresh, empty checkpoint prefix per test."""
+    bucket = s3_server.create_bucket("vitscale-checkpoints")
+    return f"{bucket}/run-{next(_numbers)}/checkpoints"
 
 
 @pytest.fixture(scope="module")
