@@ -114,6 +114,7 @@ class _Worker:
         run = self.run_config
         self._restore()
         self._announce_start()
+        self._step_metrics()  # the step it starts from is known now (alerts count the ranks by it)
         self._record(f"start {self.step} pid {os.getpid()}")
         self.log(f"training {run.model} on {run.data}: steps {self.step} -> {run.steps} of {run.total_steps}, "
                  f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation, "
