@@ -12,7 +12,7 @@ One file per concern:
   manifest.py     manifest.json: shard names, sample counts, sizes, sha256, class names
   shard_writer.py image folders / sample iterables -> webdataset tars + manifest
   synthetic.py    learnable synthetic sets (single- and multi-label) and sklearn digits
-  augment.py      decode + crop + resize + flip in one pass (JPEG draft mode), normalise
+  augment.py      decode (only the rows a crop needs) + crop + resize + flip, normalise
   stream.py       ShardLoader: one rank's share of an epoch, exact resume via state_dict()
   preflight.py    check_readable / check_writable before any training starts
   embedded_s3.py  SeaweedFS on 127.0.0.1 for tests and the dry run

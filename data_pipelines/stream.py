@@ -11,6 +11,14 @@
             ...                                    #    (channels-last memory), "label": int64 [B]
                                                    #  or float multi-hot [B,C], "key": [B] keys}
 
+With `dtype="uint8"` the batches' "image" is instead the raw uint8 pixels, [B,3,S,S] with
+channels-last memory (a view of [B,S,S,3]), for a trainer that copies them to its accelerator
+(4x fewer bytes) and normalises there with `augment.normalise_on_device`, which gives exactly
+the float32 default's values. Either way, the workers hand uint8 batches to this process
+through shared memory; the default normalises them here, on the CPU, into one of a few
+float buffers that it reuses once nothing references an earlier batch's tensor any more
+(fresh memory for every batch costs more in page faults than the arithmetic).
+
 How one epoch is laid out. The epoch order is the manifest's shards permuted by
 `Random(f"{seed}/{epoch}")`, each shard read front to back (the shard writer shuffled samples
 across shards when it wrote them). The samples not yet consumed in this epoch, taken in that
@@ -50,6 +58,7 @@ import dataclasses
 import json
 import logging
 import random
+import sys
 import tarfile
 import time
 from typing import Iterator
@@ -66,6 +75,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "vitscale-data-position/1"
 STREAM_RETRIES = 3
+FLOAT_BUFFERS = 3  # float32 batch buffers a loader keeps for reuse
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
@@ -245,25 +255,24 @@ class _RankDataset(torch.utils.data.IterableDataset):
             return out
 
         for shard, start, end in piece:
-            for position, key, result in self._read_range(shard, start, end, progress):
+            for position, key, files in self._read_range(shard, start, end, progress):
                 progress.mark(shard, position, position + 1)
+                if images is None:  # filled in place, in shared memory when this is a worker process
+                    images = _batch_buffer((self.batch_size, size, size, 3), shared=info is not None)
+                result = self._decode(key, files, images.numpy()[len(keys)])
                 if isinstance(result, str):
                     name = self.manifest.shards[shard].name
                     log.warning("skipping sample %s in shard %s: %s", key, name, result)
                     progress.skipped.append((name, key, result))
                     continue
-                image, label = result
-                if images is None:  # filled in place, in shared memory when this is a worker process
-                    images = _batch_buffer((self.batch_size, size, size, 3), shared=info is not None)
-                images.numpy()[len(keys)] = image
-                labels.append(label), keys.append(key)
+                labels.append(result), keys.append(key)
                 if len(keys) == self.batch_size:
                     yield batch()
         if keys or progress.ranges:
             yield batch()
 
     def _read_range(self, shard: int, start: int, end: int | None, progress: _Progress):
-        """(position, key, (image, label) or a reason) for positions [start, end) of one shard.
+        """(position, key, {extension: bytes}) for positions [start, end) of one shard.
 
         A connection that drops mid-shard is reopened (the object is read again from its
         start, skipping what was already handed on) up to STREAM_RETRIES times; a tar that
@@ -278,7 +287,7 @@ class _RankDataset(torch.utils.data.IterableDataset):
                 with open_stream(url, self.factory) as stream:
                     for key, files in _shard_members(stream):
                         if position >= next_position:
-                            yield position, key, self._decode(key, files)
+                            yield position, key, files
                             next_position = position + 1
                         position += 1
                         if end is not None and position >= end:
@@ -303,7 +312,8 @@ class _RankDataset(torch.utils.data.IterableDataset):
             progress.missing.append((info.name, next_position, end))
             progress.mark(shard, next_position, end)
 
-    def _decode(self, key: str, files: dict[str, bytes]):
+    def _decode(self, key: str, files: dict[str, bytes], out: np.ndarray):
+        """The label, with the augmented image written into `out`; or the reason to skip the sample."""
         image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
         if image_ext is None:
             return f"no image member (has {', '.join(sorted(files)) or 'nothing'})"
@@ -321,10 +331,10 @@ class _RankDataset(torch.utils.data.IterableDataset):
         except (ValueError, KeyError, IndexError, TypeError) as error:
             return f"bad label: {type(error).__name__}: {error}"
         try:
-            image = self.augmentation.apply(files[image_ext], random.Random(f"{self.seed}/{self.epoch}/{key}"))
+            self.augmentation.apply_into(files[image_ext], random.Random(f"{self.seed}/{self.epoch}/{key}"), out)
         except Exception as error:  # PIL raises many types for corrupt images
             return f"undecodable image: {type(error).__name__}: {error}"
-        return image, label
+        return label
 
 
 # ---- the loader ---------------------------------------------------------------------------
@@ -337,16 +347,22 @@ class ShardLoader:
             or the URL of a manifest.
         augmentation: "pretrain", "finetune", "eval", or an `Augmentation`.
         num_workers: DataLoader worker processes (0: read in this process); the same on every rank.
+        dtype: "float32" (default): images normalised to [-1, 1] here, on the CPU; "uint8": the
+            raw pixels, to be normalised on the accelerator (`augment.normalise_on_device`).
     """
 
     def __init__(self, source: str, *, batch_size: int, augmentation: str | Augmentation = "pretrain",
                  image_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, prefetch_factor: int = 2, factory: S3ClientFactory | None = None,
-                 labels: bool = True):
+                 labels: bool = True, dtype: str = "float32"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in ("float32", "uint8"):
+            raise ValueError(f"dtype {dtype!r}: one of float32, uint8")
+        self.dtype = dtype
+        self._float_buffers: list[np.ndarray] = []
         self.source = source
         self.factory = factory or S3ClientFactory()
         self.base, self.manifest = load_shard_list(source, self.factory)
@@ -400,9 +416,26 @@ class ShardLoader:
             for raw in batches:
                 self._absorb(raw)
                 if raw["key"]:
-                    yield {"image": normalise(raw["image"]), "label": raw["label"], "key": raw["key"]}
+                    pixels = raw.pop("image")
+                    yield {"image": normalise(pixels, self._float_buffer(pixels.shape)) if self.dtype == "float32"
+                           else pixels.permute(0, 3, 1, 2), "label": raw["label"], "key": raw["key"]}
         finally:
             del batches  # stops the worker processes now, also when the caller breaks early
+
+    def _float_buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A kept float32 buffer of this shape that no batch handed out references any more
+        (its only references: the list and the call's argument; the tensors handed out hold
+        one each, through torch.from_numpy), else a new one, kept if there is room; None
+        (normalise allocates) for a short last batch."""
+        if shape[0] != self.batch_size:
+            return None
+        for buffer in self._float_buffers:
+            if buffer.shape == shape and sys.getrefcount(buffer) == 3:  # the list, `buffer`, the argument
+                return buffer
+        buffer = np.empty(shape, np.float32)
+        if len(self._float_buffers) < FLOAT_BUFFERS:
+            self._float_buffers.append(buffer)
+        return buffer
 
     def _absorb(self, raw: dict) -> None:
         progress = raw["progress"]
