@@ -6,6 +6,13 @@ S3 uploads and downloads go through s3transfer (boto3's managed transfers): mult
 several parts in parallel. The sha256 of an upload is computed in a second thread while the
 parts go out, so hashing costs no wall time when the network is the slower side. Local
 folders are handled the same way, for runs whose checkpoints live on a shared filesystem.
+
+    sha256, size = upload_stream(lambda f: torch.save(state, f), "s3://bucket/run/x.pt")
+    sha256, size = download_hashed("s3://bucket/run/x.pt", "/staging/x.pt")
+
+`upload_stream` uploads what a writer produces while it produces it (no local file): full
+parts go out as soon as they are cut, and the sha256 is taken on the way. `download_hashed`
+hashes the bytes in order as they arrive, so a download is verified when its last part lands.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import queue
 import shutil
+import threading
+from typing import IO, Callable
 
 from data_pipelines.s3 import (
     DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
@@ -73,6 +83,178 @@ def download_file(url: str, path: str, factory: S3ClientFactory | None = None) -
         except OSError as error:
             raise DataSourceError(f"{url}: {error.strerror}") from None
     os.replace(partial, path)
+
+
+class _Abandoned(Exception):
+    """The upload ended (failed) while the producer was still writing."""
+
+
+class _PartStream:
+    """A pipe from a producer thread (`write`) to s3transfer's reader (`read`), in whole parts.
+
+    `write` hashes what it gets and cuts it into `bytes` parts of `part_bytes` (one copy: the
+    memory handed to `write` is only valid during the call); at most `depth` parts wait, so a
+    fast producer blocks instead of buffering the whole file. s3transfer reads exactly one part
+    at a time (its threshold and chunk size are both `part_bytes`) and wraps `bytes` without
+    copying. No seek or tell: s3transfer then treats it as the non-seekable stream it is.
+    """
+
+    def __init__(self, part_bytes: int, depth: int = 4):
+        self.part_bytes = part_bytes
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._parts: queue.Queue = queue.Queue(depth)
+        self._carry = bytearray()  # producer side: the start of the next part
+        self._head = b""  # reader side: what is left of the part being read
+        self._eof = False
+        self._ended = threading.Event()  # the upload is over: writing on is pointless
+
+    # --- producer side ---
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        count = len(view)
+        self.digest.update(view)  # releases the GIL on large buffers
+        self.size += count
+        if len(self._carry) + count < self.part_bytes:
+            self._carry += view
+            return count
+        taken = self.part_bytes - len(self._carry)
+        self._put(b"".join((self._carry, view[:taken])))
+        self._carry = bytearray()
+        while count - taken >= self.part_bytes:
+            self._put(bytes(view[taken:taken + self.part_bytes]))
+            taken += self.part_bytes
+        self._carry += view[taken:]
+        return count
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._carry:
+            self._put(bytes(self._carry))
+            self._carry = bytearray()
+        self._put(None)
+
+    def fail(self, error: BaseException) -> None:
+        with contextlib.suppress(_Abandoned):
+            self._put(error)
+
+    def end(self) -> None:
+        self._ended.set()
+
+    def _put(self, item) -> None:
+        while True:
+            if self._ended.is_set():
+                raise _Abandoned("the upload ended before the stream did")
+            try:
+                self._parts.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # --- s3transfer's side ---
+    def read(self, amount: int = -1) -> bytes:
+        pieces: list[bytes] = []
+        have = 0
+        while amount < 0 or have < amount:
+            if not self._head:
+                if self._eof:
+                    break
+                item = self._parts.get()
+                if item is None:
+                    self._eof = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                self._head = item
+            want = len(self._head) if amount < 0 else amount - have
+            piece, self._head = self._head[:want], self._head[want:]  # a whole part: no copy
+            pieces.append(piece)
+            have += len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class _HashingWriter:
+    """Writes through to a file, hashing in order; no seek, so s3transfer writes in order."""
+
+    def __init__(self, f):
+        self.f = f
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def upload_stream(produce: Callable[[IO[bytes]], None], url: str, factory: S3ClientFactory | None = None) -> tuple[str, int]:
+    """Upload what `produce(f)` writes to `f` while it writes; returns (sha256, size).
+
+    Raises DataSourceError for S3 failures and re-raises whatever `produce` raised; on S3 an
+    unfinished multipart upload is aborted either way (a killed process leaves one behind:
+    `abort_multipart_uploads`).
+    """
+    if not is_s3_url(url):
+        os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
+        partial = url + ".partial"
+        try:
+            with open(partial, "wb") as f:
+                sink = _HashingWriter(f)
+                produce(sink)
+        except OSError as error:
+            raise DataSourceError(f"{url}: {error.strerror}") from None
+        os.replace(partial, url)
+        return sink.digest.hexdigest(), sink.size
+    location = parse_s3_url(url)
+    config = transfer_config()
+    stream = _PartStream(config.multipart_chunksize)
+    client = (factory or S3ClientFactory()).client()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(client.upload_fileobj, stream, location.bucket, location.prefix, Config=config)
+        upload.add_done_callback(lambda _: stream.end())
+        try:
+            produce(stream)
+            stream.close()
+        except _Abandoned:
+            pass  # the upload failed first: its own error is the one to report
+        except BaseException as error:
+            stream.fail(error)  # s3transfer's read raises it, and it aborts the multipart upload
+            concurrent.futures.wait([upload])
+            raise
+        try:
+            upload.result()
+        except s3_errors() as error:
+            raise DataSourceError(describe_client_error(error, url)) from None
+    return stream.digest.hexdigest(), stream.size
+
+
+def download_hashed(url: str, path: str, factory: S3ClientFactory | None = None) -> tuple[str, int]:
+    """`download_file` that also returns (sha256, size) of what it wrote, hashed as it arrived."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        sink = _HashingWriter(f)
+        if is_s3_url(url):
+            location = parse_s3_url(url)
+            try:
+                client = (factory or S3ClientFactory()).client()
+                client.download_fileobj(location.bucket, location.prefix, sink, Config=transfer_config())
+            except s3_errors() as error:
+                raise DataSourceError(describe_client_error(error, url)) from None
+        else:
+            try:
+                with open(url, "rb", buffering=0) as source:
+                    while chunk := source.read(CHUNK_BYTES):
+                        sink.write(chunk)
+            except OSError as error:
+                raise DataSourceError(f"{url}: {error.strerror}") from None
+    os.replace(partial, path)
+    return sink.digest.hexdigest(), sink.size
 
 
 def delete_file(url: str, factory: S3ClientFactory | None = None) -> None:

@@ -17,18 +17,25 @@ Layout under the checkpoint URL:
 A checkpoint exists only when its manifest exists and every file it lists is there with the
 stated size and, once downloaded, the stated sha256. DeepSpeed's own `latest` file is never
 written or read. `save` lets DeepSpeed assemble its state dicts, copies their tensors to host
-memory and returns; a background thread writes the files to staging and uploads them (file
-i uploads while file i+1 is written). At most one checkpoint is in flight, and `save` waits
-only while the previous one is still going; that wait plus the copy is the stall, counted in
-`stall_seconds`.
+memory and returns; a background thread serializes each file straight into its S3 multipart
+upload (parts go out while the rest is still being serialized; no staging file) and takes
+its sha256 on the way. At most one checkpoint is in flight, and `save` waits only while the
+previous one is still going; that wait plus the copy is the stall, counted in
+`stall_seconds`. The copy goes into the previous checkpoint's host buffers when the shapes
+match, so a rank keeps one checkpoint's worth of host memory between saves (`close` frees it).
+
+`restore` downloads this rank's files in parallel, hashing each in order as it arrives, and
+loads them only after every file of every rank matched the manifest.
 
 Ranks coordinate through the store itself (their reports), not through collectives, so that
 the upload thread never issues a collective beside the training loop's. The only collectives
 are in `restore`, on the main thread, before training starts.
 
 Loading never unpickles untrusted data: a file is loaded only after its sha256 matched the
-manifest, and then with `torch.load(weights_only=True)` and a short allow-list of DeepSpeed's
-own classes.
+manifest, and then with `torch.load(weights_only=True, mmap=True)` and a short allow-list of
+DeepSpeed's own classes. DeepSpeed copies most tensors into its own buffers; the few it keeps
+as they are (the optimizer's moments) are copied out of the mapped file before `restore`
+returns, so no staging file stays mapped.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from pydantic import BaseModel, ConfigDict
 from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
 from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.transfer import (
-    abort_multipart_uploads, delete_file, delete_prefix, download_file, list_prefix, sha256_file, upload_file,
+    abort_multipart_uploads, delete_file, delete_prefix, download_hashed, list_prefix, upload_file, upload_stream,
 )
 
 MANIFEST = "manifest.json"
@@ -60,6 +67,10 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # DeepSpeed names a rank's own shard "..zero_pp_rank_<r>_.."; other files are read by all ranks.
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+# Files transferred at once. Each transfer already sends several parts in parallel; on a
+# loopback store bound by the server, more files at once were slower, not faster.
+UPLOADS_AT_ONCE = 1
+DOWNLOADS_AT_ONCE = 1
 
 
 class CheckpointError(RuntimeError):
@@ -155,34 +166,126 @@ class _CheckpointFiles:
     """Wraps DeepSpeed's checkpoint engine: weights-only loads, and saves as snapshots.
 
     While `capture` is on, `save(state_dict, path)` copies the tensors to host memory and
-    returns; the upload thread writes and uploads the files (`write`). Training waits only
-    for the copy, not for the disk. Everything else passes through to DeepSpeed's engine.
+    returns; the upload thread serializes and uploads them (`serialize`, or `write` to a file
+    for a checkpoint engine other than torch.save). Training waits only for the copy. The
+    copy reuses the buffers of the previous snapshot of the same file (`give_back`). While
+    `mapping` is on, `load` maps files instead of reading them and records what it mapped.
+    Everything else passes through to DeepSpeed's engine.
     """
 
     def __init__(self, inner):
         self.inner = inner
         self.capture = False
         self.pending: list[tuple[str, Any]] = []
+        self.spare: dict[str, list[torch.Tensor]] = {}  # file name -> buffers of its last snapshot
+        self.mapping = False
+        self.mapped: list[tuple[int, int]] = []  # (address, bytes) of storages `load` mapped
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def preserves_storage_sharing(self) -> bool:
-        return False  # `save` snapshots (clones) every tensor itself; DeepSpeed need not
+        return False  # `save` snapshots (copies) every tensor itself; DeepSpeed need not
 
     def save(self, state_dict, path: str) -> None:
         if not self.capture:
             return self.inner.save(state_dict, path)
-        from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+        spare = iter(self.spare.pop(os.path.basename(path), []))
+        self.pending.append((path, _snapshot(state_dict, spare)))
 
-        self.pending.append((path, clone_tensors_for_torch_save(state_dict)))
+    def give_back(self, path: str, state) -> None:
+        """The upload of `state` is over: its tensors may hold the next snapshot of `path`."""
+        self.spare[os.path.basename(path)] = list(_tensors(state))
+
+    @property
+    def streams(self) -> bool:
+        """Whether `serialize` writes what DeepSpeed's own engine would write to a file."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        return type(self.inner) is TorchCheckpointEngine
+
+    def serialize(self, state_dict, f) -> None:
+        torch.save(state_dict, f, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
 
     def write(self, state_dict, path: str) -> None:
         self.inner.save(state_dict, path)
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            if not self.mapping:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        self.mapped.extend(_storage_span(t) for t in _tensors(state) if t.device.type == "cpu")
+        return state
+
+
+def _snapshot(item, spare):
+    """A host copy of `item`'s tensors (like DeepSpeed's clone_tensors_for_torch_save), each
+    copied into the next buffer of `spare` when shape and dtype match, else into a new one."""
+    if torch.is_tensor(item):
+        buffer = next(spare, None)
+        if buffer is None or buffer.shape != item.shape or buffer.dtype != item.dtype:
+            buffer = torch.empty(item.shape, dtype=item.dtype, device="cpu")
+        return buffer.copy_(item.detach())
+    if isinstance(item, list):
+        return [_snapshot(v, spare) for v in item]
+    if isinstance(item, tuple):
+        return tuple(_snapshot(v, spare) for v in item)
+    if isinstance(item, dict):
+        return type(item)({k: _snapshot(v, spare) for k, v in item.items()})
+    return item
+
+
+def _tensors(item):
+    """The tensors in a state dict, in the order `_snapshot` visits them."""
+    if torch.is_tensor(item):
+        yield item
+    elif isinstance(item, (list, tuple)):
+        for v in item:
+            yield from _tensors(v)
+    elif isinstance(item, dict):
+        for v in item.values():
+            yield from _tensors(v)
+
+
+def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def _unmap(engine, mapped: list[tuple[int, int]]) -> None:
+    """Give the tensors DeepSpeed adopted from mapped files (rather than copying out of them:
+    the optimizer's moments) memory of their own, in place, so no staging file stays mapped."""
+    if not mapped:
+        return
+
+    def own(tensor) -> None:
+        if torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            address = tensor.untyped_storage().data_ptr()
+            if any(start <= address < start + size for start, size in mapped):
+                tensor.data = tensor.data.clone()
+
+    for tensor in [*engine.module.parameters(), *engine.module.buffers()]:
+        own(tensor)
+    optimizer, seen = engine.optimizer, set()
+    while optimizer is not None and id(optimizer) not in seen:  # DeepSpeed's wrappers, then torch's
+        seen.add(id(optimizer))
+        state = getattr(optimizer, "state", None)
+        for per_param in state.values() if isinstance(state, dict) else []:
+            for value in per_param.values() if isinstance(per_param, dict) else []:
+                own(value)
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
+def still_mapped(folder: str) -> list[str]:
+    """Files under `folder` this process still maps (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    prefix = os.path.abspath(folder) + os.sep
+    return sorted({line.split(None, 5)[-1] for line in lines if prefix in line})
 
 
 def checkpoint_files(engine) -> _CheckpointFiles:
@@ -234,6 +337,7 @@ class CheckpointManager:
         self.factory = factory or S3ClientFactory()
         self.log = log
         self._thread: threading.Thread | None = None
+        self._files: list[_CheckpointFiles] = []  # the engines' wrappers this manager saved with
         self._lock = threading.Lock()
         # Counters (read by metrics); written by the upload thread under the lock.
         self.failures_in_a_row = 0
@@ -262,6 +366,8 @@ class CheckpointManager:
         shutil.rmtree(local, ignore_errors=True)
         os.makedirs(local, exist_ok=True)
         files = checkpoint_files(engine)
+        if files not in self._files:
+            self._files.append(files)
         files.capture, files.pending = True, []
         try:
             engine.save_checkpoint(self.staging_dir, tag=tag, save_latest=False)
@@ -284,28 +390,31 @@ class CheckpointManager:
             self._thread = None
 
     def close(self) -> None:
+        """Wait for the upload in flight; drop the host buffers kept for the next snapshot."""
         self.wait()
+        for files in self._files:
+            files.spare.clear()
 
     def _upload_and_commit(self, step: int, local: str, report: RankReport, config: dict[str, Any],
                            files: _CheckpointFiles, snapshots: list[tuple[str, Any]]) -> None:
         step_url = join_location(self.url, step_name(step))
         started = time.perf_counter()
         try:
-            # Write file i+1 to staging while file i uploads.
-            with concurrent.futures.ThreadPoolExecutor(1) as uploads:
+            # Each file is serialized straight into its upload; UPLOADS_AT_ONCE files at a time.
+            with concurrent.futures.ThreadPoolExecutor(UPLOADS_AT_ONCE) as uploads:
                 pending = []
-                while snapshots:
-                    path, state = snapshots.pop(0)
-                    files.write(state, path)
-                    del state
+                for path, state in snapshots:
                     name = os.path.relpath(path, local)
-                    pending.append((name, path, uploads.submit(self._upload_with_retries, path, join_location(step_url, name))))
-                written = {name for name, _, _ in pending}
+                    pending.append((name, uploads.submit(self._upload_snapshot, files, state, path, join_location(step_url, name))))
+                snapshots.clear()
+                for name, done in pending:
+                    digest, size = done.result()
+                    report.files.append(FileEntry(name=name, size=size, sha256=digest, rank=self.rank))
+                written = {name for name, _ in pending}
                 for name in sorted(set(os.listdir(local)) - written):  # anything DeepSpeed wrote directly
                     path = os.path.join(local, name)
-                    pending.append((name, path, uploads.submit(self._upload_with_retries, path, join_location(step_url, name))))
-                for name, path, digest in pending:
-                    report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest.result(), rank=self.rank))
+                    digest = self._upload_with_retries(path, join_location(step_url, name))
+                    report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
         except DataSourceError as error:
             report = RankReport(rank=self.rank, ok=False, error=str(error))
         try:
@@ -330,10 +439,23 @@ class CheckpointManager:
             if self.rank == 0:
                 self.last_committed_step = step
 
+    def _upload_snapshot(self, files: _CheckpointFiles, state, path: str, url: str) -> tuple[str, int]:
+        """Serialize one snapshot into its upload (or into `path`, then upload); (sha256, size)."""
+        try:
+            if files.streams:
+                return self._with_retries(lambda: upload_stream(lambda f: files.serialize(state, f), url, self.factory))
+            files.write(state, path)
+            return self._upload_with_retries(path, url), os.path.getsize(path)
+        finally:
+            files.give_back(path, state)
+
     def _upload_with_retries(self, path: str, url: str) -> str:
+        return self._with_retries(lambda: upload_file(path, url, self.factory))
+
+    def _with_retries(self, attempt_once: Callable[[], Any]) -> Any:
         for attempt in range(1, self.upload_attempts + 1):
             try:
-                return upload_file(path, url, self.factory)
+                return attempt_once()
             except DataSourceError:
                 if attempt == self.upload_attempts:
                     raise
@@ -426,13 +548,21 @@ class CheckpointManager:
             if problems:
                 self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
                 continue
-            checkpoint_files(engine)  # every file DeepSpeed loads goes through weights-only torch.load
-            path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
+            files = checkpoint_files(engine)  # every file DeepSpeed loads goes through weights-only torch.load
+            files.mapping, files.mapped = True, []
+            try:
+                path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
+                _unmap(engine, files.mapped)
+            finally:
+                files.mapping, files.mapped = False, []
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint step {step} from {self.staging_dir}")
             mine = next(r for r in manifest.ranks if r.rank == self.rank)
             restore_rng(mine.rng)
-            shutil.rmtree(os.path.join(self.staging_dir, step_name(step)), ignore_errors=True)
+            local = os.path.join(self.staging_dir, step_name(step))
+            for name in still_mapped(local):
+                self.log(f"warning: {name} is still mapped after restoring step {step}: its space stays in use")
+            shutil.rmtree(local, ignore_errors=True)
             with self._lock:
                 self.last_committed_step = step
             self.log(f"resumed from step {step}")
@@ -444,17 +574,22 @@ class CheckpointManager:
         local = os.path.join(self.staging_dir, step_name(manifest.step))
         shutil.rmtree(local, ignore_errors=True)
         step_url = join_location(self.url, step_name(manifest.step))
-        for entry in manifest.files:
-            owner = _RANK_FILE.search(entry.name)
-            if owner and int(owner.group(1)) != self.rank:
-                continue
-            path = os.path.join(local, entry.name)
-            try:
-                download_file(join_location(step_url, entry.name), path, self.factory)
-            except DataSourceError as error:
-                return str(error)
-            if os.path.getsize(path) != entry.size or sha256_file(path) != entry.sha256:
-                return f"{entry.name} does not match its size or sha256 in the manifest"
+        wanted = [e for e in manifest.files if not (m := _RANK_FILE.search(e.name)) or int(m.group(1)) == self.rank]
+        if not wanted:
+            return None
+        # Each file is hashed in order as it arrives, so it is verified when it lands.
+        with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADS_AT_ONCE, len(wanted))) as pool:
+            downloads = [
+                pool.submit(download_hashed, join_location(step_url, e.name), os.path.join(local, e.name), self.factory)
+                for e in wanted
+            ]
+            for entry, download in zip(wanted, downloads):
+                try:
+                    digest, size = download.result()
+                except DataSourceError as error:
+                    return str(error)
+                if size != entry.size or digest != entry.sha256:
+                    return f"{entry.name} does not match its size or sha256 in the manifest"
         return None
 
     def _agree(self, steps: list[int]) -> list[int]:
