@@ -1,6 +1,6 @@
 """Images per second per CPU core of the data pipeline: S3 stream vs local files vs a bare PIL loop.
 
-    python benchmarks/data_pipeline.py [--images 300] [--repeats 4] [--rounds 2] [--workers 2] [--dtype float32]
+    python benchmarks/data_pipeline.py [--images 300] [--repeats 4] [--rounds 5] [--workers 2] [--dtype float32]
 
 Data: scikit-learn's two sample photographs (china.jpg, flower.jpg, 640x427 JPEGs) cut and
 resized into a few hundred distinct JPEGs at ImageNet-like sizes (shorter side 333-600,
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "uint8"), default="float32")
     args = parser.parse_args()

@@ -114,8 +114,27 @@ class S3ClientFactory:
             region_name=None if session.region_name else "us-east-1",
             # Path-style addressing works with every S3-compatible server behind a custom endpoint.
             s3={"addressing_style": "path"} if self.endpoint_url or core.get_config_variable("endpoint_url") else None,
+            # botocore's default since 1.36 ("when_supported") CRC32s every upload and every
+            # object read: CPU the data workers and checkpoint uploads need. Integrity is ours
+            # (sha256 in the shard and checkpoint manifests, checked where it matters); TCP and
+            # S3's Content-MD5/ETag cover transit. AWS_{REQUEST,RESPONSE}_CHECKSUM_* or the
+            # profile still win.
+            request_checksum_calculation=core.get_config_variable("request_checksum_calculation")
+            if _set_by_user(core, "request_checksum_calculation") else "when_required",
+            response_checksum_validation=core.get_config_variable("response_checksum_validation")
+            if _set_by_user(core, "response_checksum_validation") else "when_required",
         )
         return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+
+
+def _set_by_user(core, name: str) -> bool:
+    """Whether the environment or the profile sets this botocore setting (not its default)."""
+    if os.environ.get(f"AWS_{name.upper()}"):
+        return True
+    try:
+        return name in core.get_scoped_config()
+    except Exception:  # noqa: BLE001 - a missing profile is reported where the client is used
+        return False
 
 
 _clients_lock = threading.Lock()

@@ -70,9 +70,7 @@ class _BodyReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        data = self._body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        return self._body.readinto(buffer)  # straight from the socket into the buffer, one copy
 
     def close(self) -> None:
         self._body.close()
