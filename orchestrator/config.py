@@ -90,6 +90,12 @@ class PretrainConfig(BaseModel):
     gpus_per_worker: float = Field(ge=0.0)
     # Ray reserves these per worker and sets OMP_NUM_THREADS to match (torch's CPU threads).
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    # ZeRO-1 by default: it shards what dominates a ViT's memory, the fp32 master weights and
+    # Adam's two moments (12 of 14 bytes per parameter with bf16 weights), for the same
+    # communication volume as plain data parallelism (a reduce-scatter and an all-gather per
+    # step). Every table model (ViT-H/14 is 632M parameters) fits a GPU with it, so ZeRO-2/3's
+    # extra gradient/parameter collectives buy nothing here; measured on CPU (benchmarks/
+    # train_step.py) ZeRO-1 and -2 cost about the same, 0.87-0.88 of a bare torch loop.
     zero_stage: Literal[0, 1, 2, 3] = 1
     seed: int = 0
 
