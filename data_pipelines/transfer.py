@@ -233,28 +233,98 @@ def upload_stream(produce: Callable[[IO[bytes]], None], url: str, factory: S3Cli
     return stream.digest.hexdigest(), stream.size
 
 
+class _TrackedFile:
+    """A seekable, unbuffered file for s3transfer's parallel ranged writes that knows how far
+    from the start it is written without a gap (`contiguous`), so a hasher can follow."""
+
+    def __init__(self, f):
+        self.f, self._position = f, 0
+        self._ranges: dict[int, int] = {}  # start -> end of written stretches past `contiguous`
+        self.contiguous = 0
+        self.changed = threading.Condition()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = self.f.seek(offset, whence)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += self.f.write(view[written:])
+        start, self._position = self._position, self._position + written
+        with self.changed:
+            self._ranges[start] = self._position
+            while self.contiguous in self._ranges:
+                self.contiguous = self._ranges.pop(self.contiguous)
+            self.changed.notify_all()
+        return written
+
+    def flush(self) -> None:
+        pass
+
+
+def _follow_and_hash(tracked: _TrackedFile, fd: int, done: threading.Event, digest) -> None:
+    """Hash the file's contiguous prefix as it grows, until `done` and everything is hashed."""
+    hashed = 0
+    while True:
+        with tracked.changed:
+            while tracked.contiguous == hashed and not done.is_set():
+                tracked.changed.wait(0.5)
+            ready = tracked.contiguous
+        if ready == hashed:
+            return
+        while hashed < ready:
+            chunk = os.pread(fd, min(CHUNK_BYTES, ready - hashed), hashed)
+            digest.update(chunk)  # releases the GIL on large buffers
+            hashed += len(chunk)
+
+
 def download_hashed(url: str, path: str, factory: S3ClientFactory | None = None) -> tuple[str, int]:
-    """`download_file` that also returns (sha256, size) of what it wrote, hashed as it arrived."""
+    """`download_file` that also returns (sha256, size) of what it wrote.
+
+    s3transfer writes the ranged parts in parallel, in any order; a thread hashes the file's
+    gap-free prefix as it grows (reading it back from the page cache), so hashing overlaps the
+    download and the file is verified soon after its last part lands.
+    """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = path + ".partial"
-    with open(partial, "wb") as f:
-        sink = _HashingWriter(f)
-        if is_s3_url(url):
-            location = parse_s3_url(url)
-            try:
-                client = (factory or S3ClientFactory()).client()
-                client.download_fileobj(location.bucket, location.prefix, sink, Config=transfer_config())
-            except s3_errors() as error:
-                raise DataSourceError(describe_client_error(error, url)) from None
-        else:
-            try:
-                with open(url, "rb", buffering=0) as source:
-                    while chunk := source.read(CHUNK_BYTES):
-                        sink.write(chunk)
-            except OSError as error:
-                raise DataSourceError(f"{url}: {error.strerror}") from None
+    digest, done = hashlib.sha256(), threading.Event()
+    with open(partial, "w+b", buffering=0) as f:
+        tracked = _TrackedFile(f)
+        hasher = threading.Thread(target=_follow_and_hash, args=(tracked, f.fileno(), done, digest), daemon=True)
+        hasher.start()
+        try:
+            if is_s3_url(url):
+                location = parse_s3_url(url)
+                try:
+                    client = (factory or S3ClientFactory()).client()
+                    client.download_fileobj(location.bucket, location.prefix, tracked, Config=transfer_config())
+                except s3_errors() as error:
+                    raise DataSourceError(describe_client_error(error, url)) from None
+            else:
+                try:
+                    with open(url, "rb", buffering=0) as source:
+                        while chunk := source.read(CHUNK_BYTES):
+                            tracked.write(chunk)
+                except OSError as error:
+                    raise DataSourceError(f"{url}: {error.strerror}") from None
+        finally:
+            done.set()
+            with tracked.changed:
+                tracked.changed.notify_all()
+            hasher.join()
+        size = os.fstat(f.fileno()).st_size
+    if tracked.contiguous != size:
+        raise DataSourceError(f"{url}: the download left a gap at byte {tracked.contiguous} of {size}")
     os.replace(partial, path)
-    return sink.digest.hexdigest(), sink.size
+    return digest.hexdigest(), size
 
 
 def delete_file(url: str, factory: S3ClientFactory | None = None) -> None:
