@@ -67,7 +67,18 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:
+def terminate(process: subprocess.Popen | None, grace_seconds: float) -> None:
+    """SIGTERM, `grace_seconds` to exit, then SIGKILL; reaped either way."""
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it if the process that started it dies (Linux), so a
     crashed or killed test run leaves no server behind."""
     try:
@@ -136,7 +147,7 @@ class EmbeddedS3:
             command, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.data_dir,  # where weed looks for master.toml first
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the server directly
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         atexit.register(self.stop)  # a `start()` without `with` still stops at interpreter exit
         self.endpoint_url = f"http://127.0.0.1:{s3}"
@@ -193,13 +204,7 @@ class EmbeddedS3:
     def stop(self) -> None:
         atexit.unregister(self.stop)
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=self.grace_seconds)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, self.grace_seconds)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

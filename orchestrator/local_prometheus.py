@@ -14,7 +14,6 @@ import atexit
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from data_pipelines.embedded_s3 import _die_with_parent
+from data_pipelines.embedded_s3 import die_with_parent, terminate
 
 SCRAPE_INTERVAL_SECONDS = 1
 
@@ -93,15 +92,17 @@ class LocalPrometheus:
             [self.binary, f"--config.file={config}", f"--storage.tsdb.path={os.path.join(self.data_dir, 'tsdb')}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         atexit.register(self.stop)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            status = self._process.poll()
+            if status is not None:
+                log = os.path.join(self.data_dir, "prometheus.log")
+                self._own_dir = False  # keep the log to read
                 self.stop()
-                raise PrometheusError(f"prometheus exited with status {self._process.returncode if self._process else '?'} "
-                                      f"while starting; see {self.data_dir}/prometheus.log")
+                raise PrometheusError(f"prometheus exited with status {status} while starting; see {log}")
             try:
                 urllib.request.urlopen(self.url + "/-/ready", timeout=1).close()
                 return self
@@ -113,13 +114,7 @@ class LocalPrometheus:
     def stop(self) -> None:
         atexit.unregister(self.stop)
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=self.grace_seconds)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, self.grace_seconds)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None
