@@ -106,7 +106,7 @@ def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path
         assert ranks == {"0", "1"}
         # The restarted group's rank 0 counts from its resume step: 16 images a step per rank.
         resumed = int(re.findall(r"resumed from step (\d+)", out)[0])
-        [series] = prometheus.query_range(f'vitscale_images_total{{{run},rank="0"}}', ended - 20, ended)
+        [series] = prometheus.query_range(f'max(vitscale_images_total{{{run},rank="0"}})', ended - 20, ended)
         assert float(series["values"][-1][1]) == (12 - resumed) * 16
         mfu = peak(f"max(vitscale_mfu_ratio{{{run}}})")
         assert 0 < mfu < 1.5, mfu
