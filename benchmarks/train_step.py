@@ -7,7 +7,8 @@
    checkpoint hooks) against the same model, batch and DeepSpeed config stepped in a bare loop
    on in-memory tensors. The shards hold small images (decode is cheap next to a ViT-S/16
    step) so that the ratio measures orchestration, not decoding competing for the cores.
-   Both sides run one worker with every core of the machine; steady-state seconds per step.
+   Both sides run one worker with every core of the machine; the median seconds of a step
+   after two warm-up steps (the orchestrated worker logs every step and reports it to Ray).
 2. `bench deepspeed_vs_bare_torch_zero<N>`: the bare DeepSpeed loop at ZeRO-0/1/2 against a
    bare torch loop with the same AdamW, model and batch (one process).
 """
@@ -74,7 +75,8 @@ def bare_seconds(kind: str, overrides: dict, steps: int) -> float:
 
 
 def orchestrated_seconds(overrides: dict, batch: int, steps: int) -> float:
-    """Median seconds per step over the logged windows after the first (warm-up) one."""
+    """Median seconds per step after two warm-up steps, as for the bare loop: the worker logs
+    every step (log_every=1), each line's images_per_second being that one step's rate."""
     from data_pipelines.embedded_s3 import EmbeddedS3
     from data_pipelines.synthetic import write_synthetic
 
@@ -93,9 +95,9 @@ def orchestrated_seconds(overrides: dict, batch: int, steps: int) -> float:
     rates = [float(r) for r in re.findall(r"images_per_second ([\d.]+)", out.stdout + out.stderr)]
     if out.returncode != 0 or len(rates) < 2:
         raise RuntimeError(f"orchestrated run failed:\n{(out.stdout + out.stderr)[-3000:]}")
-    # Ray may print a worker's line twice; the windows after the first are the steady state.
-    steady = rates[2:] if len(rates) >= 4 else rates[1:]
-    return batch / statistics.median(steady)
+    # The first two steps warm up (as the bare loop's); Ray may print a line twice, which
+    # leaves the median where it is.
+    return batch / statistics.median(rates[2:])
 
 
 def main() -> None:
@@ -109,10 +111,9 @@ def main() -> None:
     common = {"model": args.model, "image_size": 224, "global_batch_size": args.batch, "micro_batch_size": args.batch,
               "workers": 1, "warmup_steps": 2, "train_examples": 1024, "zero_stage": 1}
     if not args.skip_orchestrated:
-        window = max(2, args.steps // 3)
-        orchestrated = orchestrated_seconds(common | {"cpus_per_worker": cores, "data_workers": 1, "log_every": window,
+        orchestrated = orchestrated_seconds(common | {"cpus_per_worker": cores, "data_workers": 1, "log_every": 1,
                                                       "num_classes": 10},
-                                            args.batch, 4 * window)
+                                            args.batch, args.steps + 2)
         bare = bare_seconds("deepspeed", common, args.steps)
         print(f"# {args.model} batch {args.batch}, ZeRO-1, 1 worker, {cores} cores: orchestrated {orchestrated:.3f} s/step, "
               f"bare DeepSpeed {bare:.3f} s/step")

@@ -137,10 +137,11 @@ class _Worker:
             window_images += run.global_batch_size
             if self.step % run.log_every == 0 or self.step == run.steps:
                 seconds = time.perf_counter() - window_start
-                self._report(loss=last_loss, lr=lr, images_per_second=window_images / seconds)
+                self._log_progress(loss=last_loss, lr=lr, images_per_second=window_images / seconds)
                 window_start, window_images = time.perf_counter(), 0
             if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                 self._save()
+                self._report_to_ray()
         self.checkpoints.close()
         self._step_metrics()
         if self.checkpoints.last_committed_step != run.steps and self.rank == 0:
@@ -346,14 +347,22 @@ class _Worker:
 
     # --- reporting --------------------------------------------------------------------------
 
-    def _report(self, **metrics: float) -> None:
-        import ray.train
-
+    def _log_progress(self, **metrics: float) -> None:
+        """A progress line from rank 0 every `log_every` steps (every rank has its Prometheus
+        metrics every step)."""
         row = {"step": self.step, "nonfinite_total": self.nonfinite_total, "rollbacks": self.rollbacks,
                "checkpoint_failures_total": self.checkpoints.failures_total,
                "checkpoint_stall_seconds": self.checkpoints.stall_seconds, **metrics}
+        self._last_row = row
         self.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        ray.train.report(row)
+
+    def _report_to_ray(self) -> None:
+        """The last progress row to Ray Train (the driver's `result.metrics`), at checkpoints
+        and at the end only: `ray.train.report` is a barrier across all ranks, which every few
+        steps would cost a large run real time."""
+        import ray.train
+
+        ray.train.report(getattr(self, "_last_row", None) or {"step": self.step})
 
     def _record(self, line: str) -> None:
         if self.record_dir:
