@@ -120,13 +120,24 @@ def test_killed_run_resumes_from_its_last_commit(s3_server, tmp_path):
     """Issue 4's acceptance: commits 5 and 10; SIGKILL after the first commit; same command resumes."""
     env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
     args = [sys.executable, SCRIPT, "--dry-run", "--no-finetune", "--workers", "2", "--max-steps", "12",
-            "--checkpoint-every", "5", "--data", "s3://accept-bucket/synth", "--checkpoints", "s3://accept-bucket/run"]
+            "--checkpoint-every", "5", "--data", "s3://accept-bucket/synth", "--checkpoints", "s3://accept-bucket/run",
+            # Larger images make each step slow enough (~0.2 s here) that the kill lands before
+            # the last commit: at the twin's 32 px the whole run can end in the moment it takes.
+            "--set", "image_size=96"]
     log = open(tmp_path / "first.log", "w+")
     first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    # The commit is watched on S3 itself: the worker's "committed" line reaches the driver's
+    # log through Ray's log streaming, which can lag behind the rest of this short run.
+    client = s3_server.client_factory().client()
+    first_manifest = "run/vit-mu-4-jft-300m-dry-run/checkpoints/step-00000005/manifest.json"
     deadline = time.monotonic() + 300
-    while "checkpoint step 5 committed" not in open(tmp_path / "first.log").read():
+    while True:
         assert time.monotonic() < deadline and first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
-        time.sleep(0.2)
+        try:
+            client.head_object(Bucket="accept-bucket", Key=first_manifest)
+            break
+        except client.exceptions.ClientError:
+            time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait()
     second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
