@@ -9,10 +9,13 @@ folders are handled the same way, for runs whose checkpoints live on a shared fi
 
     sha256, size = upload_stream(lambda f: torch.save(state, f), "s3://bucket/run/x.pt")
     sha256, size = download_hashed("s3://bucket/run/x.pt", "/staging/x.pt")
+    held, sha256 = download_to_memory("s3://bucket/run/x.pt", size)   # held.path opens it
 
 `upload_stream` uploads what a writer produces while it produces it (no local file): full
 parts go out as soon as they are cut, and the sha256 is taken on the way. `download_hashed`
 hashes the bytes in order as they arrive, so a download is verified when its last part lands.
+`download_to_memory` does the same into memory that can be opened and mapped like a file (a
+Linux memfd): no local disk, no staging copy, and pages the loader maps rather than copies.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import mmap
 import os
 import queue
 import shutil
@@ -325,6 +329,204 @@ def download_hashed(url: str, path: str, factory: S3ClientFactory | None = None)
         raise DataSourceError(f"{url}: the download left a gap at byte {tracked.contiguous} of {size}")
     os.replace(partial, path)
     return digest.hexdigest(), size
+
+
+class MemoryFile:
+    """A file in memory (a memfd): `path` opens it, or maps it, like a file while it is open.
+
+    `view` is a shared mapping of it for writing; `close` drops the descriptor and the mapping,
+    and the memory goes once nothing else maps it either.
+    """
+
+    def __init__(self, size: int, name: str = "vitscale"):
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED) if size else None
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.view.release()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a slice of it is still alive (say, in a traceback):
+                self._map.close()  # the mapping then goes with the last slice
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> "MemoryFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def memory_files_supported() -> bool:
+    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+PART_BYTES = 16 << 20
+PARTS_AT_ONCE = 8
+PART_ATTEMPTS = 3
+
+
+class _InOrder:
+    """Hashes parts in file order as they complete, in its own thread (hashlib releases the GIL)."""
+
+    def __init__(self, view: memoryview, part_bytes: int):
+        self.view, self.part_bytes = view, part_bytes
+        self.count = (len(view) + part_bytes - 1) // part_bytes
+        self.digest = hashlib.sha256()
+        self._done = [False] * self.count
+        self._failed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="download-hash", daemon=True)
+        self._thread.start()
+
+    def completed(self, index: int) -> None:
+        with self._changed:
+            self._done[index] = True
+            self._changed.notify_all()
+
+    def abandon(self) -> None:
+        with self._changed:
+            self._failed = True
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        for index in range(self.count):
+            with self._changed:
+                while not self._done[index] and not self._failed:
+                    self._changed.wait()
+                if self._failed:
+                    return
+            self.digest.update(self.view[index * self.part_bytes:(index + 1) * self.part_bytes])
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        return self.digest.hexdigest()
+
+
+def _read_exactly(body, view: memoryview) -> None:
+    """Fill `view` from a GetObject body; IOError if the body ends short.
+
+    Reads from the http.client response under botocore's and urllib3's wrappers when it is
+    there: urllib3's `readinto` reads into a fresh bytes object and copies it, which costs as
+    much CPU as the socket itself at loopback speeds. The connection goes back to the pool when
+    the body was read whole, and is closed otherwise.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    read = fp.readinto if fp is not None and hasattr(raw, "release_conn") else body.readinto
+    filled = 0
+    try:
+        while filled < len(view):
+            count = read(view[filled:])
+            if not count:
+                raise IOError(f"the body ended after {filled} of {len(view)} bytes")
+            filled += count
+    except BaseException:
+        body.close()
+        raise
+    if read is body.readinto:
+        body.close()
+    else:
+        raw.release_conn()
+
+
+def _download_part(client, bucket: str, key: str, view: memoryview, start: int) -> int:
+    """Fill `view` with the object's bytes from `start`; returns the object's whole size."""
+    from botocore.exceptions import ClientError
+
+    for attempt in range(1, PART_ATTEMPTS + 1):
+        try:
+            response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(view) - 1}")
+            total = int(response.get("ContentRange", "/-1").rpartition("/")[2])
+            if response["ContentLength"] != len(view):
+                raise IOError(f"{response['ContentLength']} bytes at {start}, expected {len(view)} (object size {total})")
+            _read_exactly(response["Body"], view)
+            return total
+        except ClientError:
+            raise  # botocore has retried what is worth retrying
+        except (IOError, *s3_errors()):
+            if attempt == PART_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _download_parts(client, url: str, held: MemoryFile) -> str:
+    location = parse_s3_url(url)
+    if held.size == 0:
+        size = client.head_object(Bucket=location.bucket, Key=location.prefix)["ContentLength"]
+        if size != 0:
+            raise IOError(f"{size} bytes, expected 0")
+        return hashlib.sha256(b"").hexdigest()
+    hasher = _InOrder(held.view, PART_BYTES)
+    pool = concurrent.futures.ThreadPoolExecutor(min(PARTS_AT_ONCE, hasher.count))
+    try:
+        parts = [
+            pool.submit(_download_part, client, location.bucket, location.prefix, held.view[start:start + PART_BYTES], start)
+            for start in range(0, held.size, PART_BYTES)
+        ]
+        for index, part in enumerate(parts):
+            total = part.result()
+            if total != held.size:
+                raise IOError(f"{total} bytes, expected {held.size}")
+            hasher.completed(index)
+    except BaseException:
+        hasher.abandon()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return hasher.hexdigest()
+
+
+def download_to_memory(url: str, size: int, factory: S3ClientFactory | None = None,
+                       name: str | None = None) -> tuple[MemoryFile, str]:
+    """Download `url`, which should be `size` bytes, into a MemoryFile; returns it and the sha256
+    of what arrived (compare it with the expected one before reading the file).
+
+    On S3, ranged GETs of PART_BYTES, PARTS_AT_ONCE at a time (as s3transfer would), each read
+    straight into its place in the mapping; parts are hashed in order as they complete, so the
+    file is verified soon after its last part lands. Raises DataSourceError (also when the
+    object's size is not `size`); the caller closes the MemoryFile. `name` names the memory
+    (in /proc/<pid>/maps); the object's base name by default.
+    """
+    held = MemoryFile(size, name or os.path.basename(url))
+    try:
+        if is_s3_url(url):
+            try:
+                return held, _download_parts((factory or S3ClientFactory()).client(), url, held)
+            except s3_errors() as error:
+                raise DataSourceError(describe_client_error(error, url)) from None
+            except IOError as error:
+                raise DataSourceError(f"{url}: {error}") from None
+        try:
+            with open(url, "rb", buffering=0) as source:
+                actual = os.fstat(source.fileno()).st_size
+                if actual != size:
+                    raise DataSourceError(f"{url}: {actual} bytes, expected {size}")
+                filled = 0
+                while filled < size:
+                    count = source.readinto(held.view[filled:])
+                    if not count:
+                        raise DataSourceError(f"{url}: ended after {filled} of {size} bytes")
+                    filled += count
+        except OSError as error:
+            raise DataSourceError(f"{url}: {error.strerror}") from None
+        return held, hashlib.sha256(held.view).hexdigest()
+    except BaseException:
+        held.close()
+        raise
 
 
 def delete_file(url: str, factory: S3ClientFactory | None = None) -> None:

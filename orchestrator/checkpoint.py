@@ -24,8 +24,10 @@ previous one is still going; that wait plus the copy is the stall, counted in
 `stall_seconds`. The copy goes into the previous checkpoint's host buffers when the shapes
 match, so a rank keeps one checkpoint's worth of host memory between saves (`close` frees it).
 
-`restore` downloads this rank's files in parallel, hashing each in order as it arrives, and
-loads them only after every file of every rank matched the manifest.
+`restore` downloads this rank's files, each in parallel ranged parts straight into memory (a
+memfd; a staging file where there are none), hashing each in order as it arrives, and loads
+them only after every file of every rank matched the manifest. The staging folder then holds
+links to that memory, so DeepSpeed finds and maps the files where it expects them.
 
 Ranks coordinate through the store itself (their reports), not through collectives, so that
 the upload thread never issues a collective beside the training loop's. The only collectives
@@ -35,7 +37,7 @@ Loading never unpickles untrusted data: a file is loaded only after its sha256 m
 manifest, and then with `torch.load(weights_only=True, mmap=True)` and a short allow-list of
 DeepSpeed's own classes. DeepSpeed copies most tensors into its own buffers; the few it keeps
 as they are (the optimizer's moments) are copied out of the mapped file before `restore`
-returns, so no staging file stays mapped.
+returns, so no downloaded file stays mapped.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ from pydantic import BaseModel, ConfigDict
 from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
 from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.transfer import (
-    abort_multipart_uploads, delete_file, delete_prefix, download_hashed, list_prefix, upload_file, upload_stream,
+    MemoryFile, abort_multipart_uploads, delete_file, delete_prefix, download_hashed, download_to_memory, list_prefix,
+    memory_files_supported, upload_file, upload_stream,
 )
 
 MANIFEST = "manifest.json"
@@ -74,7 +77,7 @@ DOWNLOADS_AT_ONCE = 1
 
 
 class CheckpointError(RuntimeError):
-    """Checkpointing cannot go on (failure budget spent, world size changed): one line."""
+    """Checkpointing cannot go on (failure budget spent, a step DeepSpeed cannot convert): one line."""
 
 
 class FileEntry(BaseModel):
@@ -277,15 +280,19 @@ def _unmap(engine, mapped: list[tuple[int, int]]) -> None:
         optimizer = getattr(optimizer, "optimizer", None)
 
 
+_RESTORE_MEMORY = "vitscale-restore-"  # the name of every memfd `restore` downloads into
+
+
 def still_mapped(folder: str) -> list[str]:
-    """Files under `folder` this process still maps (Linux; [] elsewhere)."""
+    """Files under `folder`, and memory `restore` downloaded into, this process still maps
+    (Linux; [] elsewhere)."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    prefix = os.path.abspath(folder) + os.sep
-    return sorted({line.split(None, 5)[-1] for line in lines if prefix in line})
+    markers = (os.path.abspath(folder) + os.sep, "/memfd:" + _RESTORE_MEMORY)
+    return sorted({line.split(None, 5)[-1] for line in lines if any(m in line for m in markers)})
 
 
 def checkpoint_files(engine) -> _CheckpointFiles:
@@ -336,6 +343,7 @@ class CheckpointManager:
         self.failure_budget, self.commit_timeout, self.upload_attempts = failure_budget, commit_timeout, upload_attempts
         self.factory = factory or S3ClientFactory()
         self.log = log
+        self._held: list[MemoryFile] = []  # a restore's downloads, until DeepSpeed has loaded them
         self._thread: threading.Thread | None = None
         self._files: list[_CheckpointFiles] = []  # the engines' wrappers this manager saved with
         self._lock = threading.Lock()
@@ -531,30 +539,33 @@ class CheckpointManager:
 
         Every rank calls it (it is collective when torch.distributed is initialised). A
         checkpoint whose files are missing or fail their sha256 is skipped with a warning and
-        the previous one is tried.
+        the previous one is tried. A step written by another number of workers is converted
+        to DeepSpeed's universal checkpoint first (orchestrator/universal.py).
         """
         self.wait()
         candidates = self._agree(sorted(self.committed_steps(), reverse=True))
         for step in candidates:
             manifest = self.read_manifest(step)
             if manifest.world_size != self.world_size:
-                raise CheckpointError(
-                    f"checkpoint step {step} was written by {manifest.world_size} workers, this run has "
-                    f"{self.world_size}; resume with --workers {manifest.world_size} (changing the world size "
-                    f"on resume is not supported yet)"
-                )
-            problem = self._download_verified(manifest)
-            problems = self._gather_problems(problem)
-            if problems:
-                self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
-                continue
-            files = checkpoint_files(engine)  # every file DeepSpeed loads goes through weights-only torch.load
-            files.mapping, files.mapped = True, []
+                restored = self._restore_resized(engine, manifest)
+                if restored is None:
+                    continue
+                return restored
             try:
-                path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
-                _unmap(engine, files.mapped)
+                problem = self._download_verified(manifest)
+                problems = self._gather_problems(problem)
+                if problems:
+                    self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
+                    continue
+                files = checkpoint_files(engine)  # every file DeepSpeed loads goes through weights-only torch.load
+                files.mapping, files.mapped = True, []
+                try:
+                    path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
+                    _unmap(engine, files.mapped)
+                finally:
+                    files.mapping, files.mapped = False, []
             finally:
-                files.mapping, files.mapped = False, []
+                self._release_downloads()
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint step {step} from {self.staging_dir}")
             mine = next(r for r in manifest.ranks if r.rank == self.rank)
@@ -569,6 +580,24 @@ class CheckpointManager:
             return Restored(step=step, loader_state=mine.loader_state, manifest=manifest)
         return None
 
+    def _restore_resized(self, engine, manifest: Manifest) -> Restored | None:
+        """`restore` of a step another world size wrote (orchestrator/universal.py); None when
+        some rank found a file missing or not matching the manifest."""
+        from orchestrator import universal
+
+        local = os.path.join(self.staging_dir, step_name(manifest.step))
+        problems = self._gather_problems(universal.download_all(manifest, self.url, local, self.factory))
+        if problems:
+            shutil.rmtree(local, ignore_errors=True)
+            self.log(f"warning: checkpoint step {manifest.step} is unusable ({problems[0]}); trying the previous one")
+            return None
+        restored = universal.restore_resized(engine, manifest, folder=local, staging_dir=self.staging_dir,
+                                             rank=self.rank, world_size=self.world_size,
+                                             agree=self._gather_problems, log=self.log)
+        with self._lock:
+            self.last_committed_step = manifest.step
+        return restored
+
     def _download_verified(self, manifest: Manifest) -> str | None:
         """Fetch the files this rank's engine will read; the first problem found, or None."""
         local = os.path.join(self.staging_dir, step_name(manifest.step))
@@ -577,6 +606,8 @@ class CheckpointManager:
         wanted = [e for e in manifest.files if not (m := _RANK_FILE.search(e.name)) or int(m.group(1)) == self.rank]
         if not wanted:
             return None
+        if memory_files_supported():
+            return self._download_to_memory(step_url, local, wanted)
         # Each file is hashed in order as it arrives, so it is verified when it lands.
         with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADS_AT_ONCE, len(wanted))) as pool:
             downloads = [
@@ -591,6 +622,28 @@ class CheckpointManager:
                 if size != entry.size or digest != entry.sha256:
                     return f"{entry.name} does not match its size or sha256 in the manifest"
         return None
+
+    def _download_to_memory(self, step_url: str, local: str, wanted: list[FileEntry]) -> str | None:
+        """Each file into memory, verified, then linked from `local` under its own name."""
+        for entry in wanted:  # one file at a time: each already arrives in parallel parts
+            try:
+                held, digest = download_to_memory(join_location(step_url, entry.name), entry.size, self.factory,
+                                                  name=_RESTORE_MEMORY + os.path.basename(entry.name))
+            except DataSourceError as error:
+                return str(error)
+            self._held.append(held)
+            if digest != entry.sha256:
+                return f"{entry.name} does not match its sha256 in the manifest"
+            path = os.path.join(local, entry.name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.symlink(held.path, path)
+        return None
+
+    def _release_downloads(self) -> None:
+        """Close what `_download_to_memory` held: its memory goes once nothing maps it."""
+        for held in self._held:
+            held.close()
+        self._held = []
 
     def _agree(self, steps: list[int]) -> list[int]:
         """Rank 0's view of the committed steps, so that every rank tries the same ones."""

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from data_pipelines.s3 import DataSourceError
-from data_pipelines.transfer import download_hashed, upload_stream
+from data_pipelines import transfer
+from data_pipelines.transfer import download_hashed, download_to_memory, upload_stream
 
 SIZE = 40 * 2**20 + 12345  # three 16 MiB parts, the last one short
 
@@ -42,3 +43,53 @@ def test_a_failed_upload_stream_reraises_and_a_missing_object_is_a_clear_error(f
         upload_stream(produce, f"{fresh_prefix}/broken.bin", s3)
     with pytest.raises(DataSourceError, match="broken.bin"):
         download_hashed(f"{fresh_prefix}/broken.bin", str(tmp_path / "broken.bin"), s3)
+
+
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_download_to_memory_holds_the_bytes_and_their_sha256(where, payload, fresh_prefix, s3, tmp_path):
+    url = f"{fresh_prefix}/memory.bin" if where == "s3" else str(tmp_path / "remote" / "memory.bin")
+    upload_stream(lambda f: f.write(payload), url, s3)
+    held, digest = download_to_memory(url, SIZE, s3)
+    with held:
+        assert digest == hashlib.sha256(payload).hexdigest()
+        with open(held.path, "rb") as f:  # opens like a file, as torch.load(mmap=True) does
+            assert f.read() == payload
+    assert held.fd == -1
+
+
+def test_download_to_memory_of_an_empty_object(fresh_prefix, s3):
+    upload_stream(lambda f: None, f"{fresh_prefix}/empty.bin", s3)
+    held, digest = download_to_memory(f"{fresh_prefix}/empty.bin", 0, s3)
+    held.close()
+    assert digest == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("expected", [SIZE - 1, SIZE + 1, 0])
+def test_download_to_memory_names_a_size_other_than_expected(expected, payload, fresh_prefix, s3):
+    url = f"{fresh_prefix}/sized.bin"
+    upload_stream(lambda f: f.write(payload), url, s3)
+    with pytest.raises(DataSourceError, match=f"sized.bin: {SIZE} bytes, expected {expected}"):
+        download_to_memory(url, expected, s3)
+
+
+def test_download_to_memory_retries_a_part_whose_body_breaks(payload, fresh_prefix, s3, monkeypatch):
+    url = f"{fresh_prefix}/flaky.bin"
+    upload_stream(lambda f: f.write(payload), url, s3)
+    real, broken = transfer._read_exactly, []
+
+    def break_the_second_part_once(body, view):
+        if len(view) == transfer.PART_BYTES and not broken and len(broken) == 0:
+            broken.append(True)
+            body.close()
+            raise IOError("connection reset")
+        return real(body, view)
+
+    monkeypatch.setattr(transfer, "_read_exactly", break_the_second_part_once)
+    held, digest = download_to_memory(url, SIZE, s3)
+    held.close()
+    assert broken and digest == hashlib.sha256(payload).hexdigest()
+
+
+def test_download_to_memory_of_a_missing_object_is_a_clear_error(fresh_prefix, s3):
+    with pytest.raises(DataSourceError, match="missing.bin"):
+        download_to_memory(f"{fresh_prefix}/missing.bin", SIZE, s3)

@@ -11,6 +11,7 @@ makes the upload of step N stall forever after its first file (for the SIGKILL t
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -90,6 +91,8 @@ def main() -> None:
     restored = None if args.fresh else manager.restore(engine)
     if restored is not None:
         start = restored.step
+        gc.collect()
+        assert not checkpoint.still_mapped(args.staging), checkpoint.still_mapped(args.staging)
         dump = state_of(engine) | {"loader_state": restored.loader_state, "rng_draw": torch.rand(3)}
         torch.save(dump, os.path.join(args.dumps, f"restored-rank-{rank}.pt"))
     save_at = {int(s) for s in args.save_at.split(",") if s}
