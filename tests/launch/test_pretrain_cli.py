@@ -188,3 +188,20 @@ def test_unreachable_checkpoint_location_is_refused(s3_server):
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "pretrain.py: error: s3://no-such-bucket-here: 404: not found (missing bucket or object)"
+
+
+def test_a_run_resumed_on_another_number_of_workers_converts_its_checkpoint(s3_server, tmp_path):
+    """Issue 4's stretch goal through the CLI: 2 workers commit step 4; the same run started on
+    1 worker converts that step (DeepSpeed's universal checkpoint) and trains on from it."""
+    env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
+    common = [sys.executable, SCRIPT, "--dry-run", "--no-finetune", "--checkpoint-every", "4",
+              "--data", "s3://resize-bucket/synth", "--checkpoints", "s3://resize-bucket/run"]
+    first = subprocess.run([*common, "--workers", "2", "--max-steps", "4"], capture_output=True, text=True,
+                           timeout=600, cwd=ROOT, env=env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    second = subprocess.run([*common, "--workers", "1", "--max-steps", "6"], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env=env)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-3000:]
+    assert "resumed from step 4 (converted from 2 workers to 1)" in text, text[-3000:]
+    assert "finished at step 6" in text

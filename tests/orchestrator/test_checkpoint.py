@@ -157,13 +157,18 @@ def test_retention_keeps_the_last_k_and_every_mth(s3_server, run_url, tmp_path):
     assert all(f"step-{s:08d}/manifest.json" in found for s in steps)
 
 
-def test_a_different_world_size_is_a_clear_error(s3_server, run_url, tmp_path):
+def test_a_different_world_size_verifies_every_ranks_files_then_converts(s3_server, run_url, tmp_path):
+    # One rank resuming a two-rank checkpoint reads rank 1's shard too (test_universal.py has the rest).
     run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
-              "--steps", 2, "--save-at", "2")
-    codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "b",
-                                        "--dumps", tmp_path / "d", "--steps", 2))
-    assert codes == [1]
-    assert "written by 2 workers, this run has 1" in outputs[0]
+              "--steps", 4, "--save-at", "2,4")
+    location = parse_s3_url(f"{run_url}/step-00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    original = client(s3_server).get_object(Bucket=location.bucket, Key=location.prefix)["Body"].read()
+    client(s3_server).put_object(Bucket=location.bucket, Key=location.prefix, Body=bytes([original[0] ^ 0xFF]) + original[1:])
+
+    outputs = run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "b", "--dumps", tmp_path / "d",
+                        "--steps", 4)
+    assert "checkpoint step 4 is unusable" in outputs[0] and "sha256" in outputs[0]
+    assert "resumed from step 2 (converted from 2 workers to 1)" in outputs[0]
 
 
 def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, tmp_path):

@@ -1,0 +1,201 @@
+"""Resuming on another number of workers: DeepSpeed's universal checkpoint, made on the fly.
+
+    restored = manager.restore(engine)   # CheckpointManager comes here when the world size changed
+
+A ZeRO checkpoint is cut into one optimizer shard per rank of the run that wrote it, and
+DeepSpeed loads it only on that many ranks. When a run resumes on another number of
+workers, every rank downloads all of the step's files (each checked against the manifest's
+sha256 as it lands, before anything reads it), converts them with DeepSpeed's own
+`ds_to_universal` (one file per parameter and state: fp32 weights, Adam's moments, step)
+and loads that with DeepSpeed's universal loading, which cuts every tensor anew for this
+world size. Every rank converts its own copy, since ranks share no disk and the conversion
+needs no collective; the scratch space lives under the manager's staging folder and is gone
+when `restore_resized` returns. So a resize costs each rank the whole checkpoint: downloaded,
+read, and on its disk twice at the peak (the download, then the universal copy), where an
+ordinary restore fetches a rank's own shard. Without ZeRO (stage 0) nothing is partitioned
+and the files load as they are.
+
+DeepSpeed's converter and universal loader call `torch.load(weights_only=False)`;
+`weights_only_loads` makes every load they do weights-only with DeepSpeed's allow-list, so
+loading a checkpoint still never unpickles anything but tensors and a few known classes.
+
+A rank that existed in the old run restores its own RNG state. A rank that did not gets a
+fresh one derived from rank 0's saved state and its own number: resuming twice draws the
+same numbers, and no two ranks draw the same ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import random
+import shutil
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
+from data_pipelines.transfer import download_hashed
+from orchestrator.checkpoint import (
+    _RANK_FILE, CheckpointError, Manifest, Restored, _deepspeed_safe_globals, checkpoint_files, restore_rng, step_name,
+)
+
+# Processes per conversion pass. One keeps the conversion in this process, where the
+# weights-only loads apply (a child process would not inherit them), and every rank is
+# converting at the same time anyway.
+CONVERT_WORKERS = 1
+
+
+def download_all(manifest: Manifest, url: str, folder: str, factory: S3ClientFactory | None = None) -> str | None:
+    """Fetch every file of the step (all ranks' shards) into `folder`; the first problem, or None."""
+    shutil.rmtree(folder, ignore_errors=True)
+    step_url = join_location(url, step_name(manifest.step))
+    for entry in manifest.files:
+        path = os.path.abspath(os.path.join(folder, entry.name))
+        if not path.startswith(os.path.abspath(folder) + os.sep):
+            return f"{entry.name} is not a file name inside the checkpoint"
+        try:
+            digest, size = download_hashed(join_location(step_url, entry.name), path, factory)
+        except DataSourceError as error:
+            return str(error)
+        if size != entry.size or digest != entry.sha256:
+            return f"{entry.name} does not match its size or sha256 in the manifest"
+    return None
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every `torch.load` in the block is weights-only (DeepSpeed's classes allowed), whatever
+    its caller passes: DeepSpeed's converter and universal loader pass weights_only=False.
+    Process-wide while it lasts, which only makes other loads stricter; `restore` runs it on
+    the main thread before training starts."""
+    real, allowed = torch.load, _deepspeed_safe_globals()
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **pickle_load_args):
+        # Per call: torch's allow-list is one global set, and leaving any safe_globals block
+        # (ours or a caller's, nested) removes the classes it named.
+        with torch.serialization.safe_globals(allowed):
+            return real(f, map_location=map_location, weights_only=True, mmap=mmap, **pickle_load_args)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+def convert(folder: str, output: str) -> None:
+    """DeepSpeed's ds_to_universal from the checkpoint in `folder` to `output`, which must lie
+    outside `folder` (the converter reads every file under its input); it also writes
+    `latest_universal` beside `output`. Its progress output goes into a note on the error, if any."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=folder, output_folder=output, num_extract_workers=CONVERT_WORKERS,
+        num_merge_workers=CONVERT_WORKERS, keep_temp_folder=False, strict=True,
+        # Models that declare no UNIVERSAL_CHECKPOINT_INFO (ours) get the version-only default.
+        inject_missing_state=True,
+    )
+    said = io.StringIO()
+    try:
+        with weights_only_loads(), contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            ds_to_universal.main(args)
+    except Exception as error:
+        error.add_note(f"ds_to_universal's last output:\n{said.getvalue()[-2000:]}")
+        raise
+
+
+def load_universal(engine, root: str, tag: str) -> None:
+    """`engine.load_checkpoint` of the universal checkpoint `root/tag`, universal for this load only."""
+    config = engine._config  # DeepSpeed reads "checkpoint": {"load_universal"} from here on every load
+    was = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    checkpoint_files(engine)  # DeepSpeed's own loads of the model-state file: weights-only too
+    try:
+        with weights_only_loads():
+            path, _ = engine.load_checkpoint(root, tag=tag, load_module_strict=True)
+    finally:
+        config.load_universal_checkpoint = was
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no universal checkpoint in {os.path.join(root, tag)}")
+
+
+def restore_rng_for(manifest: Manifest, rank: int) -> str:
+    """Restore this rank's RNG state from the manifest; says where it came from."""
+    own = next((r for r in manifest.ranks if r.rank == rank), None)
+    if own is not None:
+        restore_rng(own.rng)
+        return f"rank {rank} restored its own RNG state"
+    first = min(manifest.ranks, key=lambda r: r.rank)
+    seed = int.from_bytes(hashlib.sha256(f"{first.rng['torch']}/rank-{rank}".encode()).digest()[:8], "little")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return f"rank {rank} is new: its RNG state is derived from rank {first.rank}'s and its rank"
+
+
+def restore_resized(engine, manifest: Manifest, *, folder: str, staging_dir: str, rank: int, world_size: int,
+                    agree: Callable[[str | None], list[str]] | None = None,
+                    log: Callable[[str], None] = print) -> Restored:
+    """Load the step in `folder` (every file of it, verified) into `engine` on this world size.
+
+    `agree(problem)` gathers every rank's conversion problem (None: converted; the manager's
+    `_gather_problems`), so that all ranks stop together rather than some waiting in the
+    load's collectives for one whose conversion failed. `folder` and the scratch space under
+    `staging_dir` are gone when it returns. The loader state handed back is this rank's own,
+    or {} for a rank the old run did not have: a resized run takes its data position from
+    every rank's state (`manifest.ranks`).
+    """
+    step, tag = manifest.step, step_name(manifest.step)
+    root = os.path.join(staging_dir, "universal")
+    partitioned = any(_RANK_FILE.search(f.name) for f in manifest.files)
+    what = (f"checkpoint step {step} ({_workers(manifest.world_size)}) could not be resumed on "
+            f"{_workers(world_size)} (ZeRO stage {engine.zero_optimization_stage()})")
+    try:
+        if partitioned:
+            shutil.rmtree(root, ignore_errors=True)
+            failure = None
+            try:
+                convert(folder, os.path.join(root, tag))
+            except Exception as error:
+                failure = error
+            shutil.rmtree(folder, ignore_errors=True)  # the universal copy replaces it
+            problem = f"rank {rank}: {type(failure).__name__}: {_first_line(failure)}" if failure else None
+            problems = agree(problem) if agree else [problem] if problem else []
+            if problems:
+                raise CheckpointError(f"{what}: DeepSpeed's ds_to_universal failed on {problems[0]}") from failure
+        try:
+            if partitioned:
+                load_universal(engine, root, tag)
+            else:  # no ZeRO shards: every rank wrote the whole state, which loads on any world size
+                checkpoint_files(engine)
+                with weights_only_loads():
+                    path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=tag, load_module_strict=True)
+                if path is None:
+                    raise CheckpointError(f"DeepSpeed found no checkpoint in {folder}")
+        except Exception as error:
+            raise CheckpointError(
+                f"{what}: DeepSpeed could not load it: {type(error).__name__}: {_first_line(error)}"
+            ) from error
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    rng = restore_rng_for(manifest, rank)
+    how = (f"converted from {_workers(manifest.world_size)} to {world_size}" if partitioned else
+           f"written by {_workers(manifest.world_size)}, loaded on {world_size}: no ZeRO shards to convert")
+    log(f"resumed from step {step} ({how}); {rng}")
+    own = next((r for r in manifest.ranks if r.rank == rank), None)
+    return Restored(step=step, loader_state=own.loader_state if own is not None else {}, manifest=manifest)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker" if count == 1 else f"{count} workers"
