@@ -45,11 +45,12 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
-import json
+import hashlib
 import os
 import random
 import re
 import shutil
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -582,21 +583,42 @@ class CheckpointManager:
 
     def _restore_resized(self, engine, manifest: Manifest) -> Restored | None:
         """`restore` of a step another world size wrote (orchestrator/universal.py); None when
-        some rank found a file missing or not matching the manifest."""
+        the files were missing or did not match the manifest."""
         from orchestrator import universal
 
-        local = os.path.join(self.staging_dir, step_name(manifest.step))
-        problems = self._gather_problems(universal.download_all(manifest, self.url, local, self.factory))
+        here = self._ranks_on_this_machine()
+        leader = here[0]
+        # Beside the ranks' own folders, in the staging folder the ranks of this machine share.
+        run = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+        scratch = os.path.join(os.path.dirname(self.staging_dir),
+                               f"resize-{run}-{step_name(manifest.step)}-rank-{leader:05d}")
+        local = os.path.join(scratch, step_name(manifest.step))
+        problem = None
+        if self.rank == leader:
+            self.log(f"checkpoint step {manifest.step} was written by {manifest.world_size} workers: rank {leader} "
+                     f"downloads all of it and converts it for ranks {', '.join(map(str, here))} on this machine")
+            problem = universal.download_all(manifest, self.url, local, self.factory)
+        problems = self._gather_problems(problem)
         if problems:
-            shutil.rmtree(local, ignore_errors=True)
+            if self.rank == leader:
+                shutil.rmtree(scratch, ignore_errors=True)
             self.log(f"warning: checkpoint step {manifest.step} is unusable ({problems[0]}); trying the previous one")
             return None
-        restored = universal.restore_resized(engine, manifest, folder=local, staging_dir=self.staging_dir,
+        restored = universal.restore_resized(engine, manifest, folder=local, scratch=scratch, converts=self.rank == leader,
                                              rank=self.rank, world_size=self.world_size,
                                              agree=self._gather_problems, log=self.log)
         with self._lock:
             self.last_committed_step = manifest.step
         return restored
+
+    def _ranks_on_this_machine(self) -> list[int]:
+        """The ranks with this rank's host name and staging folder, lowest first: the first
+        fetches and converts for them all."""
+        if not _distributed():
+            return [self.rank]
+        places: list[tuple[str, str] | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(places, (socket.gethostname(), os.path.abspath(os.path.dirname(self.staging_dir))))
+        return [r for r, place in enumerate(places) if place == places[self.rank]]
 
     def _download_verified(self, manifest: Manifest) -> str | None:
         """Fetch the files this rank's engine will read; the first problem found, or None."""

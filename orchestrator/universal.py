@@ -8,12 +8,12 @@ workers, every rank downloads all of the step's files (each checked against the 
 sha256 as it lands, before anything reads it), converts them with DeepSpeed's own
 `ds_to_universal` (one file per parameter and state: fp32 weights, Adam's moments, step)
 and loads that with DeepSpeed's universal loading, which cuts every tensor anew for this
-world size. Every rank converts its own copy, since ranks share no disk and the conversion
-needs no collective; the scratch space lives under the manager's staging folder and is gone
-when `restore_resized` returns. So a resize costs each rank the whole checkpoint: downloaded,
-read, and on its disk twice at the peak (the download, then the universal copy), where an
-ordinary restore fetches a rank's own shard. Without ZeRO (stage 0) nothing is partitioned
-and the files load as they are.
+world size. One rank per machine (the lowest on that host name) downloads and converts, into
+scratch space under the staging folder its other ranks share, and they all load from there;
+it is gone once every rank has loaded. So a resize costs each machine the whole checkpoint:
+downloaded, read, and on its disk twice at the peak (the download, then the universal copy),
+where an ordinary restore fetches a rank's own shard. Without ZeRO (stage 0) nothing is
+partitioned and the files load as they are.
 
 DeepSpeed's converter and universal loader call `torch.load(weights_only=False)`;
 `weights_only_loads` makes every load they do weights-only with DeepSpeed's allow-list, so
@@ -138,52 +138,57 @@ def restore_rng_for(manifest: Manifest, rank: int) -> str:
     return f"rank {rank} is new: its RNG state is derived from rank {first.rank}'s and its rank"
 
 
-def restore_resized(engine, manifest: Manifest, *, folder: str, staging_dir: str, rank: int, world_size: int,
-                    agree: Callable[[str | None], list[str]] | None = None,
+def restore_resized(engine, manifest: Manifest, *, folder: str, scratch: str, converts: bool, rank: int,
+                    world_size: int, agree: Callable[[str | None], list[str]] | None = None,
                     log: Callable[[str], None] = print) -> Restored:
     """Load the step in `folder` (every file of it, verified) into `engine` on this world size.
 
-    `agree(problem)` gathers every rank's conversion problem (None: converted; the manager's
-    `_gather_problems`), so that all ranks stop together rather than some waiting in the
-    load's collectives for one whose conversion failed. `folder` and the scratch space under
-    `staging_dir` are gone when it returns. The loader state handed back is this rank's own,
-    or {} for a rank the old run did not have: a resized run takes its data position from
-    every rank's state (`manifest.ranks`).
+    One rank per machine (`converts`) has downloaded the step into `folder` and converts it
+    into `scratch`, which its other ranks share: they load what it made. `agree(problem)`
+    gathers every rank's problem (None: fine; the manager's `_gather_problems`) after the
+    conversion and again after the load, so that all ranks stop together rather than some
+    waiting in a collective for one that failed, and so that the converting rank removes
+    `scratch` (with `folder` in it) only once every rank has loaded. The loader state handed
+    back is this rank's own, or {} for a rank the old run did not have: a resized run takes
+    its data position from every rank's state (`manifest.ranks`).
     """
+    agree = agree or (lambda problem: [problem] if problem else [])
     step, tag = manifest.step, step_name(manifest.step)
-    root = os.path.join(staging_dir, "universal")
+    root = os.path.join(scratch, "universal")
     partitioned = any(_RANK_FILE.search(f.name) for f in manifest.files)
     what = (f"checkpoint step {step} ({_workers(manifest.world_size)}) could not be resumed on "
             f"{_workers(world_size)} (ZeRO stage {engine.zero_optimization_stage()})")
     try:
         if partitioned:
-            shutil.rmtree(root, ignore_errors=True)
             failure = None
-            try:
-                convert(folder, os.path.join(root, tag))
-            except Exception as error:
-                failure = error
-            shutil.rmtree(folder, ignore_errors=True)  # the universal copy replaces it
-            problem = f"rank {rank}: {type(failure).__name__}: {_first_line(failure)}" if failure else None
-            problems = agree(problem) if agree else [problem] if problem else []
+            if converts:
+                try:
+                    convert(folder, os.path.join(root, tag))
+                except Exception as error:
+                    failure = error
+                shutil.rmtree(folder, ignore_errors=True)  # the universal copy replaces it
+            problems = agree(f"rank {rank}: {type(failure).__name__}: {_first_line(failure)}" if failure else None)
             if problems:
                 raise CheckpointError(f"{what}: DeepSpeed's ds_to_universal failed on {problems[0]}") from failure
+        failure = None
         try:
             if partitioned:
                 load_universal(engine, root, tag)
             else:  # no ZeRO shards: every rank wrote the whole state, which loads on any world size
                 checkpoint_files(engine)
                 with weights_only_loads():
-                    path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=tag, load_module_strict=True)
+                    path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
+                                                     load_module_strict=True)
                 if path is None:
                     raise CheckpointError(f"DeepSpeed found no checkpoint in {folder}")
         except Exception as error:
-            raise CheckpointError(
-                f"{what}: DeepSpeed could not load it: {type(error).__name__}: {_first_line(error)}"
-            ) from error
+            failure = error
+        problems = agree(f"rank {rank}: {type(failure).__name__}: {_first_line(failure)}" if failure else None)
+        if problems:
+            raise CheckpointError(f"{what}: DeepSpeed could not load it on {problems[0]}") from failure
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        if converts:
+            shutil.rmtree(scratch, ignore_errors=True)
     rng = restore_rng_for(manifest, rank)
     how = (f"converted from {_workers(manifest.world_size)} to {world_size}" if partitioned else
            f"written by {_workers(manifest.world_size)}, loaded on {world_size}: no ZeRO shards to convert")

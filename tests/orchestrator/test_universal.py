@@ -71,6 +71,9 @@ def test_one_rank_resumes_on_two_and_checkpoints_as_two(s3_server, run_url, tmp_
                         "--zero-stage", stage, "--steps", 3, "--save-at", 3)
     assert "resumed from step 2 (converted from 1 worker to 2); rank 0 restored its own RNG state" in outputs[0]
     assert "rank 1 is new: its RNG state is derived from rank 0's and its rank" in outputs[1]
+    # One download and conversion for the machine, which both ranks load.
+    assert "rank 0 downloads all of it and converts it for ranks 0, 1 on this machine" in outputs[0]
+    assert "downloads all of it" not in outputs[1]
     saved = load(dumps / "step-2-rank-0.pt")
     restored = [load(dumps / f"restored-rank-{rank}.pt") for rank in (0, 1)]
     for state in restored:
@@ -96,7 +99,7 @@ class _Payload:
 def test_the_converter_never_unpickles_arbitrary_objects(tmp_path):
     # ds_to_universal calls torch.load(weights_only=False) on the checkpoint's files.
     staging, marker = tmp_path / "staging", tmp_path / "unpickled"
-    folder = staging / "step-00000002"
+    folder = staging / "resize" / "step-00000002"
     folder.mkdir(parents=True)
     names = ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
              "mp_rank_00_model_states.pt"]
@@ -108,7 +111,8 @@ def test_the_converter_never_unpickles_arbitrary_objects(tmp_path):
     real_load = torch.load
     with pytest.raises(CheckpointError, match=r"^checkpoint step 2 \(2 workers\) could not be resumed on 1 worker \(ZeRO "
                        r"stage 1\): DeepSpeed's ds_to_universal failed on rank 0: UnpicklingError: Weights only"):
-        universal.restore_resized(engine, manifest, folder=str(folder), staging_dir=str(staging), rank=0, world_size=1)
+        universal.restore_resized(engine, manifest, folder=str(folder), scratch=str(staging / "resize"), converts=True,
+                                  rank=0, world_size=1)
     assert not marker.exists()
     assert torch.load is real_load
     assert files_under(staging) == []
