@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import hashlib
 import mmap
 import os
@@ -348,10 +349,21 @@ class MemoryFile:
             os.close(self.fd)
             raise
         self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        # Where `view` starts in this process's memory (0 when empty).
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map)) if self._map is not None else 0
 
     @property
     def path(self) -> str:
         return f"/proc/self/fd/{self.fd}"
+
+    def allocated_bytes(self) -> int:
+        """The memory it takes now (less than `size` once ranges were released)."""
+        return os.fstat(self.fd).st_blocks * 512 if self.fd >= 0 else 0
+
+    def release(self, offset: int, length: int) -> None:
+        """Give the memory of a page-aligned range back to the system, in every mapping of it
+        (it reads as zeros afterwards)."""
+        self._map.madvise(mmap.MADV_REMOVE, offset, length)
 
     def close(self) -> None:
         if self.fd < 0:
@@ -371,7 +383,7 @@ class MemoryFile:
 
 
 def memory_files_supported() -> bool:
-    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    return hasattr(os, "memfd_create") and hasattr(mmap, "MADV_REMOVE") and os.path.isdir("/proc/self/fd")
 
 
 PART_BYTES = 16 << 20

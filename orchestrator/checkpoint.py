@@ -35,9 +35,10 @@ are in `restore`, on the main thread, before training starts.
 
 Loading never unpickles untrusted data: a file is loaded only after its sha256 matched the
 manifest, and then with `torch.load(weights_only=True, mmap=True)` and a short allow-list of
-DeepSpeed's own classes. DeepSpeed copies most tensors into its own buffers; the few it keeps
-as they are (the optimizer's moments) are copied out of the mapped file before `restore`
-returns, so no downloaded file stays mapped.
+DeepSpeed's own classes. DeepSpeed copies most tensors into its own buffers and keeps a few as
+they are (on the CPU, the optimizer's moments). Memory downloads are mapped shared, so those
+few stay where they were downloaded, and the pages nothing uses any more are given back once
+DeepSpeed is done; from a staging file on disk they are copied out, so no file stays mapped.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import mmap
 import os
 import random
 import re
@@ -173,7 +175,9 @@ class _CheckpointFiles:
     returns; the upload thread serializes and uploads them (`serialize`, or `write` to a file
     for a checkpoint engine other than torch.save). Training waits only for the copy. The
     copy reuses the buffers of the previous snapshot of the same file (`give_back`). While
-    `mapping` is on, `load` maps files instead of reading them and records what it mapped.
+    `mapping` is on, `load` maps files instead of reading them and records what it mapped;
+    a file `restore` downloaded into memory (`in_memory`) is mapped shared, so the tensors
+    DeepSpeed keeps as they are stay in that memory and `trim` gives back the rest.
     Everything else passes through to DeepSpeed's engine.
     """
 
@@ -184,6 +188,8 @@ class _CheckpointFiles:
         self.spare: dict[str, list[torch.Tensor]] = {}  # file name -> buffers of its last snapshot
         self.mapping = False
         self.mapped: list[tuple[int, int]] = []  # (address, bytes) of storages `load` mapped
+        self.in_memory: dict[str, MemoryFile] = {}  # staging path -> the memory it links to
+        self.shared: list[_SharedLoad] = []
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -215,12 +221,81 @@ class _CheckpointFiles:
         self.inner.save(state_dict, path)
 
     def load(self, path: str, map_location=None):
+        held = self.in_memory.get(os.path.abspath(path)) if self.mapping else None
+        if held is not None:
+            before = _mappings_of(held)
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()), \
+                    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+                state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            mapped = _mappings_of(held) - before  # torch's own mapping of the whole file
+            if len(mapped) == 1:
+                self.shared.append(_SharedLoad(held, mapped.pop(), state))
+                return state
+            # Not found where expected: copy out what DeepSpeed keeps, as for a file on disk.
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             if not self.mapping:
                 return torch.load(path, map_location=map_location, weights_only=True)
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         self.mapped.extend(_storage_span(t) for t in _tensors(state) if t.device.type == "cpu")
         return state
+
+    def trim(self) -> int:
+        """Give back the memory of the shared loads that no tensor uses any more (DeepSpeed
+        copied those into its own buffers); returns the bytes still in use. A storage kept
+        alive only by a reference cycle counts as in use (no `gc.collect()`: it cost 0.2 s
+        here, and DeepSpeed's loads leave none)."""
+        live: dict[int, tuple[MemoryFile, list[tuple[int, int]]]] = {}
+        for load in self.shared:  # a file loaded twice is one memory: its loads' ranges together
+            live.setdefault(id(load.held), (load.held, []))[1].extend(load.live())
+        self.shared = []
+        return sum(_release_all_but(held, ranges) for held, ranges in live.values())
+
+
+class _SharedLoad:
+    """One file `load` mapped shared from memory: where each of its storages lies in the file."""
+
+    def __init__(self, held: MemoryFile, mapping: tuple[int, int], state):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self.held = held
+        start, file_offset = mapping
+        self.storages: dict[int, tuple[Any, int, int]] = {}  # address -> (weak ref, offset in file, bytes)
+        for tensor in _tensors(state):
+            storage = tensor.untyped_storage()
+            if tensor.device.type == "cpu" and storage.nbytes():
+                address = storage.data_ptr()
+                self.storages[address] = (StorageWeakRef(storage), address - start + file_offset, storage.nbytes())
+
+    def live(self) -> list[tuple[int, int]]:
+        """(start, end) in the file of each storage some tensor still uses."""
+        return [(offset, offset + size) for ref, offset, size in self.storages.values() if not ref.expired()]
+
+
+def _release_all_but(held: MemoryFile, live: list[tuple[int, int]]) -> int:
+    """Free `held`'s pages that hold no byte of the `live` ranges; the bytes of those ranges."""
+    live = sorted(set(live))
+    page = mmap.PAGESIZE
+    edge = 0  # everything before it is in use or freed
+    for start, end in [*live, (held.size, held.size)]:
+        first, last = -(-edge // page) * page, start // page * page
+        if last > first:
+            held.release(first, last - first)
+        edge = max(edge, end)
+    return sum(end - start for start, end in live)
+
+
+def _mappings_of(held: MemoryFile) -> set[tuple[int, int]]:
+    """(start address, file offset) of this process's shared mappings of `held`, ours aside."""
+    inode, ours = str(os.fstat(held.fd).st_ino), held.address
+    found = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[4] == inode and "s" in fields[1] and "memfd:" in fields[5]:
+                start = int(fields[0].split("-")[0], 16)
+                if start != ours:
+                    found.add((start, int(fields[2], 16)))
+    return found
 
 
 def _snapshot(item, spare):
@@ -285,15 +360,14 @@ _RESTORE_MEMORY = "vitscale-restore-"  # the name of every memfd `restore` downl
 
 
 def still_mapped(folder: str) -> list[str]:
-    """Files under `folder`, and memory `restore` downloaded into, this process still maps
-    (Linux; [] elsewhere)."""
+    """Files under `folder` this process still maps (Linux; [] elsewhere)."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    markers = (os.path.abspath(folder) + os.sep, "/memfd:" + _RESTORE_MEMORY)
-    return sorted({line.split(None, 5)[-1] for line in lines if any(m in line for m in markers)})
+    prefix = os.path.abspath(folder) + os.sep
+    return sorted({line.split(None, 5)[-1] for line in lines if prefix in line})
 
 
 def checkpoint_files(engine) -> _CheckpointFiles:
@@ -345,6 +419,9 @@ class CheckpointManager:
         self.factory = factory or S3ClientFactory()
         self.log = log
         self._held: list[MemoryFile] = []  # a restore's downloads, until DeepSpeed has loaded them
+        self._held_at: dict[str, MemoryFile] = {}  # staging path -> download
+        self.restore_kept_bytes = 0  # of the last restore's downloads: bytes of the tensors kept
+        self.restore_resident_bytes = 0  # and the memory they still took when it returned
         self._thread: threading.Thread | None = None
         self._files: list[_CheckpointFiles] = []  # the engines' wrappers this manager saved with
         self._lock = threading.Lock()
@@ -559,12 +636,14 @@ class CheckpointManager:
                     self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
                     continue
                 files = checkpoint_files(engine)  # every file DeepSpeed loads goes through weights-only torch.load
-                files.mapping, files.mapped = True, []
+                files.mapping, files.mapped, files.shared = True, [], []
+                files.in_memory = dict(self._held_at)
                 try:
                     path, _ = engine.load_checkpoint(self.staging_dir, tag=step_name(step), load_module_strict=True)
                     _unmap(engine, files.mapped)
+                    self.restore_kept_bytes = files.trim()
                 finally:
-                    files.mapping, files.mapped = False, []
+                    files.mapping, files.mapped, files.in_memory, files.shared = False, [], {}, []
             finally:
                 self._release_downloads()
             if path is None:
@@ -654,18 +733,20 @@ class CheckpointManager:
             except DataSourceError as error:
                 return str(error)
             self._held.append(held)
+            path = os.path.abspath(os.path.join(local, entry.name))
+            self._held_at[path] = held
             if digest != entry.sha256:
                 return f"{entry.name} does not match its sha256 in the manifest"
-            path = os.path.join(local, entry.name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.symlink(held.path, path)
         return None
 
     def _release_downloads(self) -> None:
         """Close what `_download_to_memory` held: its memory goes once nothing maps it."""
+        self.restore_resident_bytes = sum(held.allocated_bytes() for held in self._held)
         for held in self._held:
             held.close()
-        self._held = []
+        self._held, self._held_at = [], {}
 
     def _agree(self, steps: list[int]) -> list[int]:
         """Rank 0's view of the committed steps, so that every rank tries the same ones."""

@@ -93,6 +93,11 @@ def main() -> None:
         start = restored.step
         gc.collect()
         assert not checkpoint.still_mapped(args.staging), checkpoint.still_mapped(args.staging)
+        # Of the downloaded memory, only what DeepSpeed kept as tensors stays (a page or two
+        # more for each kept tensor's ends).
+        kept, resident = manager.restore_kept_bytes, manager.restore_resident_bytes
+        assert resident <= kept + 64 * 4096, (resident, kept)
+        print(f"rank {rank}: restore kept {kept} bytes of tensors in {resident} bytes of memory", flush=True)
         dump = state_of(engine) | {"loader_state": restored.loader_state, "rng_draw": torch.rand(3)}
         torch.save(dump, os.path.join(args.dumps, f"restored-rank-{rank}.pt"))
     save_at = {int(s) for s in args.save_at.split(",") if s}

@@ -182,3 +182,30 @@ def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, tmp_pat
     assert "NoSuchBucket" in outputs[0]
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset") not in outputs[0]
     assert s3_server.secret_access_key not in outputs[0]
+
+
+def test_trim_frees_only_the_memory_no_tensor_uses_even_for_a_file_loaded_twice(tmp_path):
+    """restore maps downloads shared and gives back what DeepSpeed did not keep: a range one
+    load dropped but another load of the same file kept must survive."""
+    import mmap
+
+    from data_pipelines.transfer import download_to_memory
+    from orchestrator.checkpoint import _CheckpointFiles
+
+    state = {"a": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(500_000), "c": torch.full((3,), 7.0)}
+    torch.save(state, tmp_path / "x.pt")
+    held, _ = download_to_memory(str(tmp_path / "x.pt"), os.path.getsize(tmp_path / "x.pt"))
+    os.symlink(held.path, tmp_path / "link.pt")
+    files = _CheckpointFiles(inner=None)
+    files.mapping, files.in_memory = True, {str(tmp_path / "link.pt"): held}
+    first, second = files.load(str(tmp_path / "link.pt")), files.load(str(tmp_path / "link.pt"))
+    assert len(files.shared) == 2 and not files.mapped  # both mapped shared, nothing to copy out
+    kept_a, kept_c = first["a"], second["c"]  # each load keeps one tensor
+    del first, second
+    assert files.trim() == kept_a.nbytes + kept_c.untyped_storage().nbytes()
+    assert held.allocated_bytes() <= kept_a.nbytes + 4 * mmap.PAGESIZE  # "b", the pickle, the zip index: gone
+    held.close()
+    torch.testing.assert_close(kept_a, state["a"], rtol=0, atol=0)
+    torch.testing.assert_close(kept_c, state["c"], rtol=0, atol=0)
+    kept_a += 1  # written in place: the memory is this process's own now
+    assert kept_a[0].item() == 1.0
