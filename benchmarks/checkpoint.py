@@ -7,8 +7,9 @@ an embedded SeaweedFS on 127.0.0.1 that keeps its store in /dev/shm, as the loca
 The baseline is bare s3transfer (`client.upload_file` / `client.download_file`, no hashing)
 of the very files DeepSpeed writes for the same state, with the same TransferConfig as ours,
 measured in the same run. An untimed upload warms the server up first, and each comparison
-runs ours, bare, bare, ours (so a drift in the shared machine's speed weighs on both sides
-alike); a ratio is the sum of the bare times over the sum of ours. Prints:
+runs ours, bare, bare, ours (restores: twice, after an untimed one of each) so that a drift in
+the shared machine's speed weighs on both sides alike; a ratio is the sum of the bare times
+over the sum of ours. Prints:
   bench checkpoint_save_vs_raw_upload        bare upload seconds / our synchronous save seconds
                                              (`save` + `wait`: snapshot, serialization,
                                              upload with sha256, rank report, manifest commit,
@@ -135,10 +136,16 @@ def main() -> None:
                 restored = manager.restore(engine)
                 assert restored is not None and restored.step == 2
 
-            restores.append(timed(ours_restore))
-            downloads.append(timed(raw_download))
-            downloads.append(timed(raw_download))
-            restores.append(timed(ours_restore))
+            # Untimed, one of each: the server's first read of an object was the slowest
+            # (SeaweedFS looks its chunks up and caches them), which fell on whichever side
+            # came first.
+            raw_download()
+            ours_restore()
+            for _ in range(2):  # a restore is short next to this machine's swings: two rounds
+                restores.append(timed(ours_restore))
+                downloads.append(timed(raw_download))
+                downloads.append(timed(raw_download))
+                restores.append(timed(ours_restore))
 
             # Stall: a background save while training goes on.
             manager.save(engine, 3, loader_state={}, config={})

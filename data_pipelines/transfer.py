@@ -386,7 +386,9 @@ def memory_files_supported() -> bool:
     return hasattr(os, "memfd_create") and hasattr(mmap, "MADV_REMOVE") and os.path.isdir("/proc/self/fd")
 
 
-PART_BYTES = 16 << 20
+# Ranged GETs of a download_to_memory: on loopback SeaweedFS, 32 MiB parts cost the server
+# ~10% less CPU than 16 MiB ones at the same speed; 8 at once keep a real link busy.
+PART_BYTES = 32 << 20
 PARTS_AT_ONCE = 8
 PART_ATTEMPTS = 3
 
