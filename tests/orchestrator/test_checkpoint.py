@@ -97,6 +97,17 @@ def test_save_then_resume_gives_identical_state(s3_server, run_url, tmp_path, st
         assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-4-rank-{rank}.pt"))
 
 
+def test_resume_through_staging_files_where_there_are_no_memory_files(s3_server, run_url, tmp_path):
+    dumps = tmp_path / "dumps"
+    run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps, "--steps", 2, "--save-at", "2")
+    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "b", "--dumps", dumps, "--steps", 2,
+                        "--restore-through-disk")
+    assert "resumed from step 2" in outputs[0]
+    assert "restore kept 0 bytes of tensors in 0 bytes of memory" in outputs[0]  # the moments were copied out
+    for rank in (0, 1):
+        assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
+
+
 def test_sigkill_mid_upload_leaves_a_step_that_is_never_loaded(s3_server, run_url, tmp_path):
     dumps = tmp_path / "dumps"
     dumps.mkdir()
