@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import tempfile
 import time
 from typing import Callable
@@ -76,9 +77,21 @@ def connect_ray(config: PretrainConfig):
         cpus = os.cpu_count() or 1
         if config.dry_run:
             cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        # With its dashboard: Ray Train's PlacementGroupCleaner watches the controller through
+        # the state API the dashboard serves (without it, it warns every second and cannot
+        # clean up after a controller that died). A free port, so a Ray already on 8265 is no
+        # obstacle.
+        context = ray.init(num_cpus=cpus, include_dashboard=True, dashboard_port=_free_port(), logging_level="WARNING",
+                           runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        if context.dashboard_url:
+            print(f"local Ray, dashboard at http://{context.dashboard_url}", flush=True)
     return ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(config: PretrainConfig, ray) -> None:
