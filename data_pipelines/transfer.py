@@ -382,6 +382,29 @@ class MemoryFile:
         self.close()
 
 
+def memory_room() -> int | None:
+    """Bytes of memory this process can still take (None: unknown): the smaller of the
+    system's MemAvailable and, in a container, its cgroup's limit less its use."""
+    room = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    room = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                headroom = int(limit) - int(f.read())
+            room = headroom if room is None else min(room, headroom)
+    except (OSError, ValueError):
+        pass
+    return room
+
+
 def memory_files_supported() -> bool:
     return hasattr(os, "memfd_create") and hasattr(mmap, "MADV_REMOVE") and os.path.isdir("/proc/self/fd")
 

@@ -65,7 +65,7 @@ from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
 from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.transfer import (
     MemoryFile, abort_multipart_uploads, delete_file, delete_prefix, download_hashed, download_to_memory, list_prefix,
-    memory_files_supported, upload_file, upload_stream,
+    memory_files_supported, memory_room, upload_file, upload_stream,
 )
 
 MANIFEST = "manifest.json"
@@ -708,7 +708,10 @@ class CheckpointManager:
         if not wanted:
             return None
         if memory_files_supported():
-            return self._download_to_memory(step_url, local, wanted)
+            if fits_in_memory(sum(e.size for e in wanted), memory_room()):
+                return self._download_to_memory(step_url, local, wanted)
+            self.log(f"restoring step {manifest.step} through staging files: its {sum(e.size for e in wanted):,} bytes "
+                     f"for rank {self.rank} would take more than half the memory left")
         # Each file is hashed in order as it arrives, so it is verified when it lands.
         with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADS_AT_ONCE, len(wanted))) as pool:
             downloads = [
@@ -762,6 +765,12 @@ class CheckpointManager:
         everyone: list[str | None] = [None] * self.world_size
         torch.distributed.all_gather_object(everyone, problem)
         return [p for p in everyone if p]
+
+
+def fits_in_memory(size: int, room: int | None) -> bool:
+    """Whether a restore downloads into memory: when it takes at most half of what is left
+    (the engine's own buffers still grow while it loads). Unknown room: yes."""
+    return room is None or 2 * size <= room
 
 
 def _distributed() -> bool:

@@ -55,10 +55,10 @@ def main() -> None:
     p.add_argument("--failure-budget", type=int, default=3)
     p.add_argument("--hang-after-upload", type=int, default=-1)
     p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
-    p.add_argument("--restore-through-disk", action="store_true", help="as where there are no memfds")
+    p.add_argument("--memory-room", type=int, default=None, help="pretend this many bytes of memory are left")
     args = p.parse_args()
-    if args.restore_through_disk:
-        checkpoint.memory_files_supported = lambda: False
+    if args.memory_room is not None:
+        checkpoint.memory_room = lambda: args.memory_room
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -97,11 +97,12 @@ def test_save_then_resume_gives_identical_state(s3_server, run_url, tmp_path, st
         assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-4-rank-{rank}.pt"))
 
 
-def test_resume_through_staging_files_where_there_are_no_memory_files(s3_server, run_url, tmp_path):
+def test_resume_through_staging_files_when_memory_is_short(s3_server, run_url, tmp_path):
     dumps = tmp_path / "dumps"
     run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps, "--steps", 2, "--save-at", "2")
     outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "b", "--dumps", dumps, "--steps", 2,
-                        "--restore-through-disk")
+                        "--memory-room", 1000)
+    assert "restoring step 2 through staging files" in outputs[0] and "would take more than half the memory left" in outputs[0]
     assert "resumed from step 2" in outputs[0]
     assert "restore kept 0 bytes of tensors in 0 bytes of memory" in outputs[0]  # the moments were copied out
     for rank in (0, 1):
@@ -220,3 +221,13 @@ def test_trim_frees_only_the_memory_no_tensor_uses_even_for_a_file_loaded_twice(
     torch.testing.assert_close(kept_c, state["c"], rtol=0, atol=0)
     kept_a += 1  # written in place: the memory is this process's own now
     assert kept_a[0].item() == 1.0
+
+
+def test_a_restore_goes_into_memory_only_when_it_takes_at_most_half_of_what_is_left():
+    from data_pipelines.transfer import memory_room
+    from orchestrator.checkpoint import fits_in_memory
+
+    assert fits_in_memory(10, 20) and not fits_in_memory(11, 20)
+    assert fits_in_memory(10**12, None)  # unknown: memory
+    room = memory_room()
+    assert room is None or room > 0
