@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
+import http.client
 import mmap
 import os
 import queue
@@ -494,7 +495,7 @@ def _download_part(client, bucket: str, key: str, view: memoryview, start: int) 
             return total
         except ClientError:
             raise  # botocore has retried what is worth retrying
-        except (IOError, *s3_errors()):
+        except (IOError, http.client.HTTPException, *s3_errors()):  # a connection that broke mid-body
             if attempt == PART_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
@@ -545,7 +546,7 @@ def download_to_memory(url: str, size: int, factory: S3ClientFactory | None = No
                 return held, _download_parts((factory or S3ClientFactory()).client(), url, held)
             except s3_errors() as error:
                 raise DataSourceError(describe_client_error(error, url)) from None
-            except IOError as error:
+            except (IOError, http.client.HTTPException) as error:
                 raise DataSourceError(f"{url}: {error}") from None
         try:
             with open(url, "rb", buffering=0) as source:

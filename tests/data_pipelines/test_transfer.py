@@ -1,6 +1,7 @@
 """Multipart transfers with their sha256 taken on the way, against a real SeaweedFS."""
 
 import hashlib
+import http.client
 import os
 
 import pytest
@@ -78,10 +79,10 @@ def test_download_to_memory_retries_a_part_whose_body_breaks(payload, fresh_pref
     real, broken = transfer._read_exactly, []
 
     def break_the_second_part_once(body, view):
-        if len(view) == transfer.PART_BYTES and not broken and len(broken) == 0:
+        if len(view) == transfer.PART_BYTES and not broken:
             broken.append(True)
             body.close()
-            raise IOError("connection reset")
+            raise http.client.IncompleteRead(b"", len(view))  # what http.client raises for a cut body
         return real(body, view)
 
     monkeypatch.setattr(transfer, "_read_exactly", break_the_second_part_once)
@@ -93,3 +94,16 @@ def test_download_to_memory_retries_a_part_whose_body_breaks(payload, fresh_pref
 def test_download_to_memory_of_a_missing_object_is_a_clear_error(fresh_prefix, s3):
     with pytest.raises(DataSourceError, match="missing.bin"):
         download_to_memory(f"{fresh_prefix}/missing.bin", SIZE, s3)
+
+
+def test_download_to_memory_names_a_body_that_keeps_breaking(payload, fresh_prefix, s3, monkeypatch):
+    url = f"{fresh_prefix}/broken-body.bin"
+    upload_stream(lambda f: f.write(payload), url, s3)
+
+    def always_broken(body, view):
+        body.close()
+        raise http.client.IncompleteRead(b"", len(view))
+
+    monkeypatch.setattr(transfer, "_read_exactly", always_broken)
+    with pytest.raises(DataSourceError, match=r"broken-body.bin: IncompleteRead"):
+        download_to_memory(url, SIZE, s3)
