@@ -417,43 +417,6 @@ PARTS_AT_ONCE = 8
 PART_ATTEMPTS = 3
 
 
-class _InOrder:
-    """Hashes parts in file order as they complete, in its own thread (hashlib releases the GIL)."""
-
-    def __init__(self, view: memoryview, part_bytes: int):
-        self.view, self.part_bytes = view, part_bytes
-        self.count = (len(view) + part_bytes - 1) // part_bytes
-        self.digest = hashlib.sha256()
-        self._done = [False] * self.count
-        self._failed = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="download-hash", daemon=True)
-        self._thread.start()
-
-    def completed(self, index: int) -> None:
-        with self._changed:
-            self._done[index] = True
-            self._changed.notify_all()
-
-    def abandon(self) -> None:
-        with self._changed:
-            self._failed = True
-            self._changed.notify_all()
-
-    def _run(self) -> None:
-        for index in range(self.count):
-            with self._changed:
-                while not self._done[index] and not self._failed:
-                    self._changed.wait()
-                if self._failed:
-                    return
-            self.digest.update(self.view[index * self.part_bytes:(index + 1) * self.part_bytes])
-
-    def hexdigest(self) -> str:
-        self._thread.join()
-        return self.digest.hexdigest()
-
-
 def _read_exactly(body, view: memoryview) -> None:
     """Fill `view` from a GetObject body; IOError if the body ends short.
 
@@ -508,24 +471,26 @@ def _download_parts(client, url: str, held: MemoryFile) -> str:
         if size != 0:
             raise IOError(f"{size} bytes, expected 0")
         return hashlib.sha256(b"").hexdigest()
-    hasher = _InOrder(held.view, PART_BYTES)
-    pool = concurrent.futures.ThreadPoolExecutor(min(PARTS_AT_ONCE, hasher.count))
+    digest = hashlib.sha256()
+    starts = range(0, held.size, PART_BYTES)
+    pool = concurrent.futures.ThreadPoolExecutor(min(PARTS_AT_ONCE, len(starts)))
     try:
         parts = [
             pool.submit(_download_part, client, location.bucket, location.prefix, held.view[start:start + PART_BYTES], start)
-            for start in range(0, held.size, PART_BYTES)
+            for start in starts
         ]
-        for index, part in enumerate(parts):
+        # Parts are hashed in file order as they complete, here, while the pool fetches the
+        # rest (hashlib releases the GIL on large buffers).
+        for start, part in zip(starts, parts):
             total = part.result()
             if total != held.size:
                 raise IOError(f"{total} bytes, expected {held.size}")
-            hasher.completed(index)
+            digest.update(held.view[start:start + PART_BYTES])
     except BaseException:
-        hasher.abandon()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    return hasher.hexdigest()
+    return digest.hexdigest()
 
 
 def download_to_memory(url: str, size: int, factory: S3ClientFactory | None = None,

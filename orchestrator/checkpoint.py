@@ -418,8 +418,7 @@ class CheckpointManager:
         self.failure_budget, self.commit_timeout, self.upload_attempts = failure_budget, commit_timeout, upload_attempts
         self.factory = factory or S3ClientFactory()
         self.log = log
-        self._held: list[MemoryFile] = []  # a restore's downloads, until DeepSpeed has loaded them
-        self._held_at: dict[str, MemoryFile] = {}  # staging path -> download
+        self._held_at: dict[str, MemoryFile] = {}  # staging path -> a restore's download, until loaded
         self.restore_kept_bytes = 0  # of the last restore's downloads: bytes of the tensors kept
         self.restore_resident_bytes = 0  # and the memory they still took when it returned
         self._thread: threading.Thread | None = None
@@ -676,7 +675,8 @@ class CheckpointManager:
         if self.rank == leader:
             self.log(f"checkpoint step {manifest.step} was written by {manifest.world_size} workers: rank {leader} "
                      f"downloads all of it and converts it for ranks {', '.join(map(str, here))} on this machine")
-            problem = universal.download_all(manifest, self.url, local, self.factory)
+            shutil.rmtree(local, ignore_errors=True)
+            problem = self._download_to_staging(join_location(self.url, step_name(manifest.step)), local, manifest.files)
         problems = self._gather_problems(problem)
         if problems:
             if self.rank == leader:
@@ -708,17 +708,26 @@ class CheckpointManager:
         if not wanted:
             return None
         if memory_files_supported():
-            if fits_in_memory(sum(e.size for e in wanted), memory_room()):
+            size = sum(e.size for e in wanted)
+            if fits_in_memory(size, memory_room()):
                 return self._download_to_memory(step_url, local, wanted)
-            self.log(f"restoring step {manifest.step} through staging files: its {sum(e.size for e in wanted):,} bytes "
+            self.log(f"restoring step {manifest.step} through staging files: its {size:,} bytes "
                      f"for rank {self.rank} would take more than half the memory left")
+        return self._download_to_staging(step_url, local, wanted)
+
+    def _download_to_staging(self, step_url: str, local: str, entries: list[FileEntry]) -> str | None:
+        """Each file to `local` under its own name, verified; the first problem found, or None."""
+        for entry in entries:
+            path = os.path.abspath(os.path.join(local, entry.name))
+            if not path.startswith(os.path.abspath(local) + os.sep):
+                return f"{entry.name} is not a file name inside the checkpoint"
         # Each file is hashed in order as it arrives, so it is verified when it lands.
-        with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADS_AT_ONCE, len(wanted))) as pool:
+        with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADS_AT_ONCE, len(entries))) as pool:
             downloads = [
                 pool.submit(download_hashed, join_location(step_url, e.name), os.path.join(local, e.name), self.factory)
-                for e in wanted
+                for e in entries
             ]
-            for entry, download in zip(wanted, downloads):
+            for entry, download in zip(entries, downloads):
                 try:
                     digest, size = download.result()
                 except DataSourceError as error:
@@ -735,7 +744,6 @@ class CheckpointManager:
                                                   name=_RESTORE_MEMORY + os.path.basename(entry.name))
             except DataSourceError as error:
                 return str(error)
-            self._held.append(held)
             path = os.path.abspath(os.path.join(local, entry.name))
             self._held_at[path] = held
             if digest != entry.sha256:
@@ -746,10 +754,10 @@ class CheckpointManager:
 
     def _release_downloads(self) -> None:
         """Close what `_download_to_memory` held: its memory goes once nothing maps it."""
-        self.restore_resident_bytes = sum(held.allocated_bytes() for held in self._held)
-        for held in self._held:
+        self.restore_resident_bytes = sum(held.allocated_bytes() for held in self._held_at.values())
+        for held in self._held_at.values():
             held.close()
-        self._held, self._held_at = [], {}
+        self._held_at = {}
 
     def _agree(self, steps: list[int]) -> list[int]:
         """Rank 0's view of the committed steps, so that every rank tries the same ones."""

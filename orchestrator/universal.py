@@ -4,10 +4,10 @@
 
 A ZeRO checkpoint is cut into one optimizer shard per rank of the run that wrote it, and
 DeepSpeed loads it only on that many ranks. When a run resumes on another number of
-workers, every rank downloads all of the step's files (each checked against the manifest's
-sha256 as it lands, before anything reads it), converts them with DeepSpeed's own
+workers, CheckpointManager downloads all of the step's files (each checked against the
+manifest's sha256 before anything reads it); they are converted with DeepSpeed's own
 `ds_to_universal` (one file per parameter and state: fp32 weights, Adam's moments, step)
-and loads that with DeepSpeed's universal loading, which cuts every tensor anew for this
+and loaded with DeepSpeed's universal loading, which cuts every tensor anew for this
 world size. One rank per machine (the lowest on that host name) downloads and converts, into
 scratch space under the staging folder its other ranks share, and they all load from there;
 it is gone once every rank has loaded. So a resize costs each machine the whole checkpoint:
@@ -38,8 +38,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
-from data_pipelines.transfer import download_hashed
 from orchestrator.checkpoint import (
     _RANK_FILE, CheckpointError, Manifest, Restored, _deepspeed_safe_globals, checkpoint_files, restore_rng, step_name,
 )
@@ -48,23 +46,6 @@ from orchestrator.checkpoint import (
 # weights-only loads apply (a child process would not inherit them), and every rank is
 # converting at the same time anyway.
 CONVERT_WORKERS = 1
-
-
-def download_all(manifest: Manifest, url: str, folder: str, factory: S3ClientFactory | None = None) -> str | None:
-    """Fetch every file of the step (all ranks' shards) into `folder`; the first problem, or None."""
-    shutil.rmtree(folder, ignore_errors=True)
-    step_url = join_location(url, step_name(manifest.step))
-    for entry in manifest.files:
-        path = os.path.abspath(os.path.join(folder, entry.name))
-        if not path.startswith(os.path.abspath(folder) + os.sep):
-            return f"{entry.name} is not a file name inside the checkpoint"
-        try:
-            digest, size = download_hashed(join_location(step_url, entry.name), path, factory)
-        except DataSourceError as error:
-            return str(error)
-        if size != entry.size or digest != entry.sha256:
-            return f"{entry.name} does not match its size or sha256 in the manifest"
-    return None
 
 
 @contextlib.contextmanager
