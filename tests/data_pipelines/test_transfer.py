@@ -3,6 +3,8 @@
 import hashlib
 import http.client
 import os
+import time
+import types
 
 import pytest
 
@@ -107,3 +109,44 @@ def test_download_to_memory_names_a_body_that_keeps_breaking(payload, fresh_pref
     monkeypatch.setattr(transfer, "_read_exactly", always_broken)
     with pytest.raises(DataSourceError, match=r"broken-body.bin: IncompleteRead"):
         download_to_memory(url, SIZE, s3)
+
+
+def test_download_to_memory_fetches_at_most_parts_at_once_ahead_of_its_hash(payload, fresh_prefix, s3, monkeypatch):
+    """A slow hash holds the download back: a part starts only while fewer than PARTS_AT_ONCE
+    parts are fetched but not hashed (so on a busy machine the hash never lags far behind)."""
+    url = f"{fresh_prefix}/windowed.bin"
+    upload_stream(lambda f: f.write(payload), url, s3)
+    monkeypatch.setattr(transfer, "PART_BYTES", 1 << 20)
+    monkeypatch.setattr(transfer, "PARTS_AT_ONCE", 3)
+    events, real_part, real_sha256 = [], transfer._download_part, hashlib.sha256
+
+    def recorded_part(client, bucket, key, view, start):
+        events.append(("start", start // transfer.PART_BYTES))
+        return real_part(client, bucket, key, view, start)
+
+    class SlowDigest:
+        def __init__(self):
+            self.inner = real_sha256()
+
+        def update(self, data):
+            time.sleep(0.02)  # slower than a loopback part
+            self.inner.update(data)
+            events.append(("hashed", None))
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(transfer, "_download_part", recorded_part)
+    monkeypatch.setattr(transfer, "hashlib", types.SimpleNamespace(sha256=SlowDigest))
+    held, digest = download_to_memory(url, SIZE, s3)
+    held.close()
+    monkeypatch.undo()
+    assert digest == hashlib.sha256(payload).hexdigest()
+    hashed, started = 0, []
+    for kind, index in events:
+        if kind == "hashed":
+            hashed += 1
+        else:
+            assert index < hashed + 3, f"part {index} started with only {hashed} parts hashed"
+            started.append(index)
+    assert sorted(started) == list(range(-(-SIZE // (1 << 20))))
