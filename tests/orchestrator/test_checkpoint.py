@@ -231,3 +231,30 @@ def test_a_restore_goes_into_memory_only_when_it_takes_at_most_half_of_what_is_l
     assert fits_in_memory(10**12, None)  # unknown: memory
     room = memory_room()
     assert room is None or room > 0
+
+
+def test_checkpoint_files_are_serialized_without_zip_crc32s_and_load_all_the_same(tmp_path):
+    """The sha256 covers every byte: torch.save skips its per-record CRC32 while a checkpoint
+    file is serialized (on the upload thread), and nothing else's saves change."""
+    import threading
+    import zipfile
+
+    from orchestrator.checkpoint import _CheckpointFiles
+
+    files = _CheckpointFiles(inner=type("Engine", (), {"zipfile_serialization": True})())
+    state = {"w": torch.randn(1000), "step": 3}
+    seen = []
+
+    def upload_thread():
+        with open(tmp_path / "x.pt", "wb") as f:
+            files.serialize(state, f)
+        seen.append(torch.serialization.get_crc32_options())
+
+    thread = threading.Thread(target=upload_thread)
+    thread.start()
+    thread.join(30)
+    assert seen == [True] and torch.serialization.get_crc32_options()
+    with zipfile.ZipFile(tmp_path / "x.pt") as z:
+        assert z.testzip() is not None  # no CRC32s written
+    loaded = torch.load(tmp_path / "x.pt", weights_only=True, mmap=True)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
