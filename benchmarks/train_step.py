@@ -9,6 +9,9 @@
    step) so that the ratio measures orchestration, not decoding competing for the cores.
    Both sides run one worker with every core of the machine; the median seconds of a step
    after two warm-up steps (the orchestrated worker logs every step and reports it to Ray).
+   A small shared machine drifts by several percent from one minute to the next, so the two
+   alternate (`--rounds` orchestrated runs, each between two bare ones) and the ratio is the
+   mean bare step over the mean orchestrated step.
 2. `bench deepspeed_vs_bare_torch_zero<N>`: the bare DeepSpeed loop at ZeRO-0/1/2 against a
    bare torch loop with the same AdamW, model and batch (one process).
 """
@@ -104,19 +107,22 @@ def main() -> None:
     p.add_argument("--model", default="ViT-S/16")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="orchestrated runs, each between two bare ones")
     p.add_argument("--skip-orchestrated", action="store_true")
     args = p.parse_args()
     cores = os.cpu_count() or 1
     common = {"model": args.model, "image_size": 224, "global_batch_size": args.batch, "micro_batch_size": args.batch,
               "workers": 1, "warmup_steps": 2, "train_examples": 1024, "zero_stage": 1}
     if not args.skip_orchestrated:
-        orchestrated = orchestrated_seconds(common | {"cpus_per_worker": cores, "data_workers": 1, "log_every": 1,
-                                                      "num_classes": 10},
-                                            args.batch, args.steps + 2)
-        bare = bare_seconds("deepspeed", common, args.steps)
-        print(f"# {args.model} batch {args.batch}, ZeRO-1, 1 worker, {cores} cores: orchestrated {orchestrated:.3f} s/step, "
-              f"bare DeepSpeed {bare:.3f} s/step")
-        print(f"bench train_step_vs_bare_deepspeed {bare / orchestrated:.3f}")
+        orchestrated_overrides = common | {"cpus_per_worker": cores, "data_workers": 1, "log_every": 1, "num_classes": 10}
+        bare, orchestrated = [bare_seconds("deepspeed", common, args.steps)], []
+        for _ in range(args.rounds):
+            orchestrated.append(orchestrated_seconds(orchestrated_overrides, args.batch, args.steps + 2))
+            bare.append(bare_seconds("deepspeed", common, args.steps))
+        listing = lambda xs: "/".join(f"{x:.3f}" for x in xs)  # noqa: E731
+        print(f"# {args.model} batch {args.batch}, ZeRO-1, 1 worker, {cores} cores: orchestrated {listing(orchestrated)} s/step, "
+              f"bare DeepSpeed {listing(bare)} s/step (in the order they ran, alternating)")
+        print(f"bench train_step_vs_bare_deepspeed {statistics.mean(bare) / statistics.mean(orchestrated):.3f}")
     torch_seconds = bare_seconds("torch", common, args.steps)
     for stage in (0, 1, 2):
         ds = bare_seconds("deepspeed", common | {"zero_stage": stage}, args.steps)
