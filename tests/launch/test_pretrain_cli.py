@@ -108,6 +108,10 @@ def test_dry_run_trains_the_twin_end_to_end():
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     for name in ("AWS_SECRET_ACCESS_KEY", "secret"):
         assert name not in text
+    # The local Ray's noise stays out: Ray Train's PlacementGroupCleaner (no state API without
+    # a dashboard), its echo of each report, its PreemptionWatcher (off on one machine).
+    for noise in ("Failed to query Ray Train Controller", "Reporting training result", "PreemptionWatcher"):
+        assert noise not in text
 
 
 def test_training_without_data_is_a_preflight_error():
