@@ -11,7 +11,7 @@
    after two warm-up steps (the orchestrated worker logs every step and reports it to Ray).
    A small shared machine drifts by several percent from one minute to the next, so the two
    alternate (`--rounds` orchestrated runs, each between two bare ones) and the ratio is the
-   mean bare step over the mean orchestrated step.
+   median bare step over the median orchestrated step (one disturbed bare run does not move it).
 2. `bench deepspeed_vs_bare_torch_zero<N>`: the bare DeepSpeed loop at ZeRO-0/1/2 against a
    bare torch loop with the same AdamW, model and batch (one process).
 """
@@ -122,7 +122,7 @@ def main() -> None:
         listing = lambda xs: "/".join(f"{x:.3f}" for x in xs)  # noqa: E731
         print(f"# {args.model} batch {args.batch}, ZeRO-1, 1 worker, {cores} cores: orchestrated {listing(orchestrated)} s/step, "
               f"bare DeepSpeed {listing(bare)} s/step (in the order they ran, alternating)")
-        print(f"bench train_step_vs_bare_deepspeed {statistics.mean(bare) / statistics.mean(orchestrated):.3f}")
+        print(f"bench train_step_vs_bare_deepspeed {statistics.median(bare) / statistics.median(orchestrated):.3f}")
     torch_seconds = bare_seconds("torch", common, args.steps)
     for stage in (0, 1, 2):
         ds = bare_seconds("deepspeed", common | {"zero_stage": stage}, args.steps)
