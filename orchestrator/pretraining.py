@@ -78,8 +78,9 @@ def connect_ray(config: PretrainConfig):
             cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1)
         # No dashboard: with it the orchestrated step was 5% slower on a 2-core machine
         # (train_step_vs_bare_deepspeed 0.95 -> 0.90). The price: Ray Train's
-        # PlacementGroupCleaner, which asks the dashboard's state API, warns every few seconds
-        # and cannot clean up after a controller that died (this Ray goes with the process).
+        # PlacementGroupCleaner, which asks the dashboard's state API, cannot clean up after a
+        # controller that died (this Ray goes with the process); `quiet_local_workers` keeps
+        # its warnings about that out of the output.
         # Ray Train's PreemptionWatcher is off: a one-machine Ray goes with its machine, so a
         # preemption notice is nothing to act on, and each idle Ray process costs ~1% of a core
         # here (its main thread wakes 100 times a second).
