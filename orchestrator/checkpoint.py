@@ -725,10 +725,8 @@ class CheckpointManager:
 
     def _download_to_staging(self, step_url: str, local: str, entries: list[FileEntry]) -> str | None:
         """Each file to `local` under its own name, verified; the first problem found, or None."""
-        for entry in entries:
-            path = os.path.abspath(os.path.join(local, entry.name))
-            if not path.startswith(os.path.abspath(local) + os.sep):
-                return f"{entry.name} is not a file name inside the checkpoint"
+        if problem := _name_outside(local, entries):
+            return problem
         # Each file is hashed in order as it arrives, so it is verified when it lands.
         with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADS_AT_ONCE, len(entries))) as pool:
             downloads = [
@@ -746,6 +744,8 @@ class CheckpointManager:
 
     def _download_to_memory(self, step_url: str, local: str, wanted: list[FileEntry]) -> str | None:
         """Each file into memory, verified, then linked from `local` under its own name."""
+        if problem := _name_outside(local, wanted):
+            return problem
         for entry in wanted:  # one file at a time: each already arrives in parallel parts
             try:
                 held, digest = download_to_memory(join_location(step_url, entry.name), entry.size, self.factory,
@@ -781,6 +781,14 @@ class CheckpointManager:
         everyone: list[str | None] = [None] * self.world_size
         torch.distributed.all_gather_object(everyone, problem)
         return [p for p in everyone if p]
+
+
+def _name_outside(local: str, entries: list[FileEntry]) -> str | None:
+    """The first manifest entry whose name would land outside `local`, as a problem; or None."""
+    for entry in entries:
+        if not os.path.abspath(os.path.join(local, entry.name)).startswith(os.path.abspath(local) + os.sep):
+            return f"{entry.name} is not a file name inside the checkpoint"
+    return None
 
 
 def fits_in_memory(size: int, room: int | None) -> bool:

@@ -258,3 +258,16 @@ def test_checkpoint_files_are_serialized_without_zip_crc32s_and_load_all_the_sam
         assert z.testzip() is not None  # no CRC32s written
     loaded = torch.load(tmp_path / "x.pt", weights_only=True, mmap=True)
     assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
+
+
+def test_a_manifest_name_outside_the_staging_folder_is_refused_by_both_downloads(tmp_path):
+    """Names come from the store: neither the memory nor the staging-file download writes or
+    links anything outside the step's folder."""
+    from orchestrator.checkpoint import CheckpointManager, FileEntry
+
+    manager = CheckpointManager(str(tmp_path / "store"), staging_dir=str(tmp_path / "staging"), log=lambda m: None)
+    entries = [FileEntry(name="../../escaped.pt", size=1, sha256="0" * 64, rank=0)]
+    local = str(tmp_path / "staging" / "step")
+    for download in (manager._download_to_memory, manager._download_to_staging):
+        assert download(str(tmp_path / "store"), local, entries) == "../../escaped.pt is not a file name inside the checkpoint"
+    assert not os.path.exists(tmp_path / "escaped.pt") and not manager._held_at
