@@ -7,19 +7,23 @@ several parts in parallel. The sha256 of an upload is computed in a second threa
 parts go out, so hashing costs no wall time when the network is the slower side. Local
 folders are handled the same way, for runs whose checkpoints live on a shared filesystem.
 
-    sha256, size = upload_stream(lambda f: torch.save(state, f), "s3://bucket/run/x.pt")
+    image = MemoryImage(stable=spans_of_the_tensors); torch.save(state, image); image.close()
+    sha256 = upload_image(image, "s3://bucket/run/x.pt")
     sha256, size = download_hashed("s3://bucket/run/x.pt", "/staging/x.pt")
     held, sha256 = download_to_memory("s3://bucket/run/x.pt", size)   # held.path opens it
 
-`upload_stream` uploads what a writer produces while it produces it (no local file): full
-parts go out as soon as they are cut, and the sha256 is taken on the way. `download_hashed`
-hashes the bytes in order as they arrive, so a download is verified when its last part lands.
-`download_to_memory` does the same into memory that can be opened and mapped like a file (a
-Linux memfd): no local disk, no staging copy, and pages the loader maps rather than copies.
+`upload_image` uploads bytes held in memory (no local file): a `MemoryImage` keeps the
+tensors' storages torch.save hands it by reference, so the parts go from the tensors to the
+socket without a copy, and the sha256 is taken in a second thread while they go out.
+`download_hashed` hashes the bytes in order as they arrive, so a download is verified when
+its last part lands. `download_to_memory` does the same into memory that can be opened and
+mapped like a file (a Linux memfd): no local disk, no staging copy, and pages the loader maps
+rather than copies.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -28,10 +32,8 @@ import hashlib
 import http.client
 import mmap
 import os
-import queue
 import shutil
 import threading
-from typing import IO, Callable
 
 from data_pipelines.s3 import (
     DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
@@ -92,152 +94,159 @@ def download_file(url: str, path: str, factory: S3ClientFactory | None = None) -
     os.replace(partial, path)
 
 
-class _Abandoned(Exception):
-    """The upload ended (failed) while the producer was still writing."""
+KEEP_BYTES = 1 << 20  # a write at least this large into stable memory is kept, not copied
 
 
-class _PartStream:
-    """A pipe from a producer thread (`write`) to s3transfer's reader (`read`), in whole parts.
+class MemoryImage:
+    """A file's bytes as a writer (`torch.save`) wrote them, held in memory, the big pieces
+    not copied: the bytes an upload sends straight to the socket and a hash reads in place.
 
-    `write` hashes what it gets and cuts it into `bytes` parts of `part_bytes` (one copy: the
-    memory handed to `write` is only valid during the call); at most `depth` parts wait, so a
-    fast producer blocks instead of buffering the whole file. s3transfer reads exactly one part
-    at a time (its threshold and chunk size are both `part_bytes`) and wraps `bytes` without
-    copying. No seek or tell: s3transfer then treats it as the non-seekable stream it is.
+    `stable` are (address, bytes) spans of memory the caller keeps alive and unchanged for as
+    long as the image is used (a checkpoint snapshot's tensors). A write of at least
+    KEEP_BYTES lying wholly inside one of them is kept by reference (torch's zip writer hands
+    each tensor's storage to `write` as it is); every other write is copied, since its memory
+    is only valid during the call.
     """
 
-    def __init__(self, part_bytes: int, depth: int = 4):
-        self.part_bytes = part_bytes
-        self.digest = hashlib.sha256()
+    def __init__(self, stable: list[tuple[int, int]] = ()):
+        self._stable = sorted(stable)
+        self._starts = [start for start, _ in self._stable]
+        self.segments: list[memoryview] = []
+        self.offsets: list[int] = []  # where each segment starts in the file
         self.size = 0
-        self._parts: queue.Queue = queue.Queue(depth)
-        self._carry = bytearray()  # producer side: the start of the next part
-        self._head = b""  # reader side: what is left of the part being read
-        self._eof = False
-        self._ended = threading.Event()  # the upload is over: writing on is pointless
+        self.kept_bytes = 0  # of `size`, held by reference
+        self._small = bytearray()
 
-    # --- producer side ---
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         count = len(view)
-        self.digest.update(view)  # releases the GIL on large buffers
+        if count >= KEEP_BYTES and self._inside_stable(view):
+            self._end_small()
+            self._append(view)
+            self.kept_bytes += count
+        else:
+            self._small += view
         self.size += count
-        if len(self._carry) + count < self.part_bytes:
-            self._carry += view
-            return count
-        taken = self.part_bytes - len(self._carry)
-        self._put(b"".join((self._carry, view[:taken])))
-        self._carry = bytearray()
-        while count - taken >= self.part_bytes:
-            self._put(bytes(view[taken:taken + self.part_bytes]))
-            taken += self.part_bytes
-        self._carry += view[taken:]
         return count
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        if self._carry:
-            self._put(bytes(self._carry))
-            self._carry = bytearray()
-        self._put(None)
+        """The writer is done: what it wrote last joins the segments."""
+        self._end_small()
 
-    def fail(self, error: BaseException) -> None:
-        with contextlib.suppress(_Abandoned):
-            self._put(error)
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for segment in self.segments:
+            digest.update(segment)  # releases the GIL on large buffers
+        return digest.hexdigest()
 
-    def end(self) -> None:
-        self._ended.set()
+    def reader(self) -> "_ImageReader":
+        return _ImageReader(self)
 
-    def _put(self, item) -> None:
-        while True:
-            if self._ended.is_set():
-                raise _Abandoned("the upload ended before the stream did")
-            try:
-                self._parts.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+    def _inside_stable(self, view: memoryview) -> bool:
+        import numpy as np
 
-    # --- s3transfer's side ---
-    def read(self, amount: int = -1) -> bytes:
-        pieces: list[bytes] = []
-        have = 0
-        while amount < 0 or have < amount:
-            if not self._head:
-                if self._eof:
-                    break
-                item = self._parts.get()
-                if item is None:
-                    self._eof = True
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                self._head = item
-            want = len(self._head) if amount < 0 else amount - have
-            piece, self._head = self._head[:want], self._head[want:]  # a whole part: no copy
-            pieces.append(piece)
-            have += len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data  # works on read-only views
+        i = bisect.bisect_right(self._starts, address) - 1
+        return i >= 0 and address + len(view) <= self._stable[i][0] + self._stable[i][1]
+
+    def _end_small(self) -> None:
+        if self._small:
+            self._append(memoryview(self._small))
+            self._small = bytearray()
+
+    def _append(self, view: memoryview) -> None:
+        self.offsets.append(self.offsets[-1] + len(self.segments[-1]) if self.segments else 0)
+        self.segments.append(view)
 
 
-class _HashingWriter:
-    """Writes through to a file, hashing in order; no seek, so s3transfer writes in order."""
+class _ImageReader:
+    """A seekable file over a MemoryImage. `read` returns a view into the image where the
+    bytes asked for lie in one segment (the HTTP layer sends it as it is), else a copy."""
 
-    def __init__(self, f):
-        self.f = f
-        self.digest = hashlib.sha256()
-        self.size = 0
+    def __init__(self, image: MemoryImage):
+        self._image, self._position = image, 0
 
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self.f.write(data)
+    def read(self, amount: int | None = -1):
+        image, start = self._image, self._position
+        end = image.size if amount is None or amount < 0 else min(image.size, start + amount)
+        if start >= end:
+            return b""
+        self._position = end
+        i = bisect.bisect_right(image.offsets, start) - 1
+        within = start - image.offsets[i]
+        if end - image.offsets[i] <= len(image.segments[i]):
+            return image.segments[i][within:end - image.offsets[i]]
+        pieces = []
+        while start < end:
+            segment = image.segments[i]
+            take = min(len(segment) - within, end - start)
+            pieces.append(segment[within:within + take])
+            start, within, i = start + take, 0, i + 1
+        return b"".join(pieces)
 
-    def flush(self) -> None:
-        self.f.flush()
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position, 2: self._image.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
-def upload_stream(produce: Callable[[IO[bytes]], None], url: str, factory: S3ClientFactory | None = None) -> tuple[str, int]:
-    """Upload what `produce(f)` writes to `f` while it writes; returns (sha256, size).
+def _image_os_utils(image: MemoryImage):
+    """s3transfer's file access for an upload "from a file" whose bytes are `image`: each part
+    reads its own range of the image, in parallel, no part copied first."""
+    from s3transfer.utils import OSUtils
 
-    Raises DataSourceError for S3 failures and re-raises whatever `produce` raised; on S3 an
-    unfinished multipart upload is aborted either way (a killed process leaves one behind:
-    `abort_multipart_uploads`).
-    """
-    if not is_s3_url(url):
-        os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
-        partial = url + ".partial"
-        try:
-            with open(partial, "wb") as f:
-                sink = _HashingWriter(f)
-                produce(sink)
-        except OSError as error:
-            raise DataSourceError(f"{url}: {error.strerror}") from None
-        os.replace(partial, url)
-        return sink.digest.hexdigest(), sink.size
-    location = parse_s3_url(url)
-    config = transfer_config()
-    stream = _PartStream(config.multipart_chunksize)
-    client = (factory or S3ClientFactory()).client()
+    class ImageOSUtils(OSUtils):
+        def get_file_size(self, filename: str) -> int:
+            return image.size
+
+        def open(self, filename: str, mode: str):
+            if mode != "rb":
+                raise ValueError(f"a memory image opens for reading only, not {mode!r}")
+            return image.reader()
+
+    return ImageOSUtils()
+
+
+def upload_image(image: MemoryImage, url: str, factory: S3ClientFactory | None = None) -> str:
+    """Upload a closed MemoryImage to `url` (through s3transfer: multipart, parts in
+    parallel) while a second thread takes its sha256; returns the sha256. DataSourceError
+    for S3 failures (s3transfer aborts the multipart upload; a killed process leaves one
+    behind: `abort_multipart_uploads`)."""
+    from s3transfer.manager import TransferManager
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        upload = pool.submit(client.upload_fileobj, stream, location.bucket, location.prefix, Config=config)
-        upload.add_done_callback(lambda _: stream.end())
-        try:
-            produce(stream)
-            stream.close()
-        except _Abandoned:
-            pass  # the upload failed first: its own error is the one to report
-        except BaseException as error:
-            stream.fail(error)  # s3transfer's read raises it, and it aborts the multipart upload
-            concurrent.futures.wait([upload])
-            raise
-        try:
-            upload.result()
-        except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
-    return stream.digest.hexdigest(), stream.size
+        digest = pool.submit(image.sha256)
+        if is_s3_url(url):
+            location = parse_s3_url(url)
+            try:
+                client = (factory or S3ClientFactory()).client()
+                with TransferManager(client, transfer_config(), osutil=_image_os_utils(image)) as manager:
+                    manager.upload("vitscale-memory-image", location.bucket, location.prefix).result()
+            except s3_errors() as error:
+                raise DataSourceError(describe_client_error(error, url)) from None
+        else:
+            os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
+            partial = url + ".partial"
+            try:
+                with open(partial, "wb") as f:
+                    for segment in image.segments:
+                        f.write(segment)
+            except OSError as error:
+                raise DataSourceError(f"{url}: {error.strerror}") from None
+            os.replace(partial, url)
+        return digest.result()
 
 
 class _TrackedFile:

@@ -17,9 +17,10 @@ Layout under the checkpoint URL:
 A checkpoint exists only when its manifest exists and every file it lists is there with the
 stated size and, once downloaded, the stated sha256. DeepSpeed's own `latest` file is never
 written or read. `save` lets DeepSpeed assemble its state dicts, copies their tensors to host
-memory and returns; a background thread serializes each file straight into its S3 multipart
-upload (parts go out while the rest is still being serialized; no staging file) and takes
-its sha256 on the way. At most one checkpoint is in flight, and `save` waits only while the
+memory and returns; a background thread serializes each file into memory, where the
+snapshot's tensors are held by reference rather than copied (`MemoryImage`; no staging
+file), and uploads it in parallel multipart parts that go from those tensors to the socket,
+taking its sha256 in a second thread meanwhile. At most one checkpoint is in flight, and `save` waits only while the
 previous one is still going; that wait plus the copy is the stall, counted in
 `stall_seconds`. The copy goes into the previous checkpoint's host buffers when the shapes
 match, so a rank keeps one checkpoint's worth of host memory between saves (`close` frees it).
@@ -65,7 +66,7 @@ from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
 from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.transfer import (
     MemoryFile, abort_multipart_uploads, delete_file, delete_prefix, download_hashed, download_to_memory, list_prefix,
-    memory_files_supported, memory_room, upload_file, upload_stream,
+    memory_files_supported, memory_room, MemoryImage, upload_file, upload_image,
 )
 
 MANIFEST = "manifest.json"
@@ -215,9 +216,9 @@ class _CheckpointFiles:
         return type(self.inner) is TorchCheckpointEngine
 
     def serialize(self, state_dict, f) -> None:
-        # Without the CRC32 of each zip record: it cost 0.23 CPU-s per GiB on the thread that
-        # takes the sha256 too, which covers every byte already; torch.load does not check
-        # them (`unzip -t` would complain). torch keeps the setting per thread.
+        # Without the CRC32 of each zip record: it cost 0.23 CPU-s per GiB, and the sha256
+        # covers every byte already; torch.load does not check them (`unzip -t` would
+        # complain). torch keeps the setting per thread.
         before = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
         try:
@@ -493,7 +494,7 @@ class CheckpointManager:
         step_url = join_location(self.url, step_name(step))
         started = time.perf_counter()
         try:
-            # Each file is serialized straight into its upload; UPLOADS_AT_ONCE files at a time.
+            # Each file is serialized into memory and uploaded from there; UPLOADS_AT_ONCE files at a time.
             with concurrent.futures.ThreadPoolExecutor(UPLOADS_AT_ONCE) as uploads:
                 pending = []
                 for path, state in snapshots:
@@ -533,10 +534,14 @@ class CheckpointManager:
                 self.last_committed_step = step
 
     def _upload_snapshot(self, files: _CheckpointFiles, state, path: str, url: str) -> tuple[str, int]:
-        """Serialize one snapshot into its upload (or into `path`, then upload); (sha256, size)."""
+        """Serialize one snapshot into memory (its tensors by reference) and upload that, or
+        into `path` and upload the file; (sha256, size)."""
         try:
             if files.streams:
-                return self._with_retries(lambda: upload_stream(lambda f: files.serialize(state, f), url, self.factory))
+                image = MemoryImage(stable=[_storage_span(t) for t in _tensors(state)])
+                files.serialize(state, image)
+                image.close()
+                return self._with_retries(lambda: upload_image(image, url, self.factory)), image.size
             files.write(state, path)
             return self._upload_with_retries(path, url), os.path.getsize(path)
         finally:

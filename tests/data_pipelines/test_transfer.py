@@ -7,10 +7,11 @@ import time
 import types
 
 import pytest
+import torch
 
 from data_pipelines.s3 import DataSourceError
 from data_pipelines import transfer
-from data_pipelines.transfer import download_hashed, download_to_memory, upload_stream
+from data_pipelines.transfer import MemoryImage, download_hashed, download_to_memory, upload_image
 
 SIZE = 40 * 2**20 + 12345  # three 16 MiB parts, the last one short
 
@@ -20,16 +21,32 @@ def payload():
     return os.urandom(SIZE)
 
 
+def upload_bytes(payload: bytes, url: str, s3) -> str:
+    image = MemoryImage()
+    image.write(payload)
+    image.close()
+    return upload_image(image, url, s3)
+
+
+def image_of(payload: bytes, pieces: int = 3_000_001):
+    """`payload` written in odd-sized pieces, every other one from memory declared stable
+    (kept by reference), the rest from a scratch buffer (copied)."""
+    source = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    image = MemoryImage(stable=[(source.data_ptr(), source.numel())])
+    for n, start in enumerate(range(0, len(payload), pieces)):
+        piece = memoryview(source.numpy())[start:start + pieces]
+        image.write(piece if n % 2 == 0 else bytearray(piece))
+    image.close()
+    return image, source
+
+
 @pytest.mark.parametrize("where", ["s3", "folder"])
-def test_upload_stream_then_download_hashed_round_trip(where, payload, fresh_prefix, s3, tmp_path):
+def test_upload_image_then_download_hashed_round_trip(where, payload, fresh_prefix, s3, tmp_path):
     url = f"{fresh_prefix}/blob.bin" if where == "s3" else str(tmp_path / "remote" / "blob.bin")
-
-    def produce(f):
-        for start in range(0, SIZE, 3_000_001):  # odd-sized writes across part boundaries
-            f.write(payload[start:start + 3_000_001])
-
+    image, source = image_of(payload)  # its pieces cross the 16 MiB part boundaries
+    assert image.size == SIZE and 0 < image.kept_bytes < SIZE
     expected = hashlib.sha256(payload).hexdigest()
-    assert upload_stream(produce, url, s3) == (expected, SIZE)
+    assert upload_image(image, url, s3) == expected
     local = str(tmp_path / "local" / "blob.bin")
     assert download_hashed(url, local, s3) == (expected, SIZE)
     with open(local, "rb") as f:
@@ -37,13 +54,39 @@ def test_upload_stream_then_download_hashed_round_trip(where, payload, fresh_pre
     assert not os.path.exists(local + ".partial")
 
 
-def test_a_failed_upload_stream_reraises_and_a_missing_object_is_a_clear_error(fresh_prefix, s3, tmp_path):
-    def produce(f):
-        f.write(b"x" * (17 * 2**20))
-        raise RuntimeError("serializer broke")
+def test_a_memory_image_keeps_big_writes_of_stable_memory_and_copies_the_rest():
+    """What lies in the stable spans is held by reference (the upload sends the tensor's own
+    memory); a buffer only valid during `write`, or a small piece, is copied."""
+    stable = torch.zeros(3 << 20, dtype=torch.uint8)
+    scratch = bytearray(2 << 20)
+    image = MemoryImage(stable=[(stable.data_ptr(), stable.numel())])
+    image.write(b"header")  # small: copied
+    image.write(memoryview(stable.numpy())[: 2 << 20])  # stable and big: kept
+    image.write(scratch)  # big but not stable: copied
+    image.write(memoryview(stable.numpy())[: 100])  # stable but small: copied
+    image.close()
+    assert (image.size, image.kept_bytes) == (6 + (2 << 20) + (2 << 20) + 100, 2 << 20)
+    stable[0], scratch[0] = 7, 7
+    data = image.reader().read()
+    assert data[6] == 7 and data[6 + (2 << 20)] == 0
 
-    with pytest.raises(RuntimeError, match="serializer broke"):
-        upload_stream(produce, f"{fresh_prefix}/broken.bin", s3)
+
+def test_a_memory_image_reads_like_a_file_across_its_segments(payload):
+    image, _ = image_of(payload[: 7_000_000], pieces=1_500_000)
+    reader = image.reader()
+    assert bytes(reader.read(100)) == payload[:100]
+    reader.seek(1_499_990)
+    assert bytes(reader.read(20)) == payload[1_499_990:1_500_010]  # across two segments: joined
+    assert reader.tell() == 1_500_010
+    reader.seek(-5, 2)
+    assert bytes(reader.read()) == payload[6_999_995:7_000_000] and reader.read(10) == b""
+    reader.seek(0)
+    assert b"".join(bytes(reader.read(16384)) for _ in range(500)) == payload[:7_000_000]
+
+
+def test_a_failed_upload_image_is_a_clear_error_and_a_missing_object_too(payload, fresh_prefix, s3, tmp_path):
+    with pytest.raises(DataSourceError, match="s3://no-such-bucket-here/x.bin"):
+        upload_bytes(payload[:1000], "s3://no-such-bucket-here/x.bin", s3)
     with pytest.raises(DataSourceError, match="broken.bin"):
         download_hashed(f"{fresh_prefix}/broken.bin", str(tmp_path / "broken.bin"), s3)
 
@@ -51,7 +94,7 @@ def test_a_failed_upload_stream_reraises_and_a_missing_object_is_a_clear_error(f
 @pytest.mark.parametrize("where", ["s3", "folder"])
 def test_download_to_memory_holds_the_bytes_and_their_sha256(where, payload, fresh_prefix, s3, tmp_path):
     url = f"{fresh_prefix}/memory.bin" if where == "s3" else str(tmp_path / "remote" / "memory.bin")
-    upload_stream(lambda f: f.write(payload), url, s3)
+    upload_bytes(payload, url, s3)
     held, digest = download_to_memory(url, SIZE, s3)
     with held:
         assert digest == hashlib.sha256(payload).hexdigest()
@@ -61,7 +104,7 @@ def test_download_to_memory_holds_the_bytes_and_their_sha256(where, payload, fre
 
 
 def test_download_to_memory_of_an_empty_object(fresh_prefix, s3):
-    upload_stream(lambda f: None, f"{fresh_prefix}/empty.bin", s3)
+    upload_bytes(b"", f"{fresh_prefix}/empty.bin", s3)
     held, digest = download_to_memory(f"{fresh_prefix}/empty.bin", 0, s3)
     held.close()
     assert digest == hashlib.sha256(b"").hexdigest()
@@ -70,14 +113,14 @@ def test_download_to_memory_of_an_empty_object(fresh_prefix, s3):
 @pytest.mark.parametrize("expected", [SIZE - 1, SIZE + 1, 0])
 def test_download_to_memory_names_a_size_other_than_expected(expected, payload, fresh_prefix, s3):
     url = f"{fresh_prefix}/sized.bin"
-    upload_stream(lambda f: f.write(payload), url, s3)
+    upload_bytes(payload, url, s3)
     with pytest.raises(DataSourceError, match=f"sized.bin: {SIZE} bytes, expected {expected}"):
         download_to_memory(url, expected, s3)
 
 
 def test_download_to_memory_retries_a_part_whose_body_breaks(payload, fresh_prefix, s3, monkeypatch):
     url = f"{fresh_prefix}/flaky.bin"
-    upload_stream(lambda f: f.write(payload), url, s3)
+    upload_bytes(payload, url, s3)
     real, broken = transfer._read_exactly, []
 
     def break_the_second_part_once(body, view):
@@ -100,7 +143,7 @@ def test_download_to_memory_of_a_missing_object_is_a_clear_error(fresh_prefix, s
 
 def test_download_to_memory_names_a_body_that_keeps_breaking(payload, fresh_prefix, s3, monkeypatch):
     url = f"{fresh_prefix}/broken-body.bin"
-    upload_stream(lambda f: f.write(payload), url, s3)
+    upload_bytes(payload, url, s3)
 
     def always_broken(body, view):
         body.close()
@@ -115,7 +158,7 @@ def test_download_to_memory_fetches_at_most_parts_at_once_ahead_of_its_hash(payl
     """A slow hash holds the download back: a part starts only while fewer than PARTS_AT_ONCE
     parts are fetched but not hashed (so on a busy machine the hash never lags far behind)."""
     url = f"{fresh_prefix}/windowed.bin"
-    upload_stream(lambda f: f.write(payload), url, s3)
+    upload_bytes(payload, url, s3)
     monkeypatch.setattr(transfer, "PART_BYTES", 1 << 20)
     monkeypatch.setattr(transfer, "PARTS_AT_ONCE", 3)
     events, real_part, real_sha256 = [], transfer._download_part, hashlib.sha256

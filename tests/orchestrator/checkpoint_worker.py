@@ -73,17 +73,17 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
     if args.hang_after_upload >= 0:
-        real_upload = checkpoint.upload_stream
+        real_upload = checkpoint.upload_image
         tag = checkpoint.step_name(args.hang_after_upload)
 
-        def upload_then_hang(produce, url, factory=None):
-            uploaded = real_upload(produce, url, factory)
+        def upload_then_hang(image, url, factory=None):
+            uploaded = real_upload(image, url, factory)
             if f"/{tag}/" in url:
                 open(os.path.join(args.dumps, f"hanging-rank-{rank}"), "w").close()
                 time.sleep(3600)
             return uploaded
 
-        checkpoint.upload_stream = upload_then_hang
+        checkpoint.upload_image = upload_then_hang
 
     manager = checkpoint.CheckpointManager(
         args.url, staging_dir=args.staging, rank=rank, world_size=world, keep_last=args.keep_last,

@@ -271,3 +271,38 @@ def test_a_manifest_name_outside_the_staging_folder_is_refused_by_both_downloads
     for download in (manager._download_to_memory, manager._download_to_staging):
         assert download(str(tmp_path / "store"), local, entries) == "../../escaped.pt is not a file name inside the checkpoint"
     assert not os.path.exists(tmp_path / "escaped.pt") and not manager._held_at
+
+
+def test_a_snapshot_is_uploaded_from_its_own_tensors_not_a_copy(tmp_path, monkeypatch):
+    """torch.save hands each storage of the snapshot to the MemoryImage as it is: the image
+    holds every tensor byte by reference (the parts go from the snapshot to the socket), and
+    what lands is the file torch.save writes, with its sha256."""
+    import hashlib
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from orchestrator import checkpoint
+
+    files = checkpoint._CheckpointFiles(TorchCheckpointEngine(config_params=None))
+    assert files.streams
+    state = checkpoint._snapshot({"module": {"w": torch.randn(512, 1024), "b": torch.randn(3 << 18)},
+                                  "optimizer": [torch.ones(2 << 20, dtype=torch.bfloat16)], "step": 7}, iter([]))
+    images = []
+
+    def recorded(image, url, factory=None):
+        images.append(image)
+        return real(image, url, factory)
+
+    real = checkpoint.upload_image
+    monkeypatch.setattr(checkpoint, "upload_image", recorded)
+    manager = checkpoint.CheckpointManager(str(tmp_path / "store"), staging_dir=str(tmp_path / "staging"), log=lambda m: None)
+    url = str(tmp_path / "store" / "x.pt")
+    digest, size = manager._upload_snapshot(files, state, str(tmp_path / "staging" / "x.pt"), url)
+    [image] = images
+    tensor_bytes = sum(t.untyped_storage().nbytes() for t in checkpoint._tensors(state))
+    assert image.kept_bytes == tensor_bytes and size == image.size == os.path.getsize(url)
+    with open(url, "rb") as f:
+        assert digest == hashlib.sha256(f.read()).hexdigest()
+    loaded = torch.load(url, weights_only=True)
+    assert torch.equal(loaded["module"]["w"], state["module"]["w"]) and loaded["step"] == 7
+    assert torch.equal(loaded["optimizer"][0], state["optimizer"][0])
