@@ -346,8 +346,9 @@ def download_hashed(url: str, path: str, factory: S3ClientFactory | None = None)
 class MemoryFile:
     """A file in memory (a memfd): `path` opens it, or maps it, like a file while it is open.
 
-    `view` is a shared mapping of it for writing; `close` drops the descriptor and the mapping,
-    and the memory goes once nothing else maps it either.
+    `view` is a shared mapping of it (downloads write with `pwrite`, which fills a page
+    without zeroing it first, and hash through `view`); `close` drops the descriptor and the
+    mapping, and the memory goes once nothing else maps it either.
     """
 
     def __init__(self, size: int, name: str = "vitscale"):
@@ -430,23 +431,36 @@ PARTS_AT_ONCE = 8
 PART_ATTEMPTS = 3
 
 
-def _read_exactly(body, view: memoryview) -> None:
-    """Fill `view` from a GetObject body; IOError if the body ends short.
+BOUNCE_BYTES = 1 << 20
+_bounce = threading.local()
 
-    Reads from the http.client response under botocore's and urllib3's wrappers when it is
-    there: urllib3's `readinto` reads into a fresh bytes object and copies it, which costs as
-    much CPU as the socket itself at loopback speeds. The connection goes back to the pool when
-    the body was read whole, and is closed otherwise.
+
+def _read_exactly(body, fd: int, offset: int, length: int) -> None:
+    """Write `length` bytes of a GetObject body into file `fd` at `offset`; IOError if the
+    body ends short.
+
+    The socket is read into a small buffer that stays in cache, and written on with `pwrite`:
+    a memfd page that `pwrite` fills whole is never zeroed first, where one written through a
+    mapping is faulted in and zeroed (writing 1.38 GB: 0.45 against 0.84 CPU-s here; a 1 GB
+    download from loopback SeaweedFS: 1.20-1.25 s against 1.27-1.38 s). Reads from the
+    http.client response under botocore's and urllib3's wrappers when it is there: urllib3's
+    `readinto` reads into a fresh bytes object and copies it, which costs as much CPU as the
+    socket itself at loopback speeds. The connection goes back to the pool when the body was
+    read whole, and is closed otherwise.
     """
+    if not hasattr(_bounce, "view"):
+        _bounce.view = memoryview(bytearray(BOUNCE_BYTES))
+    buffer = _bounce.view
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
     read = fp.readinto if fp is not None and hasattr(raw, "release_conn") else body.readinto
     filled = 0
     try:
-        while filled < len(view):
-            count = read(view[filled:])
+        while filled < length:
+            count = read(buffer[:min(len(buffer), length - filled)])
             if not count:
-                raise IOError(f"the body ended after {filled} of {len(view)} bytes")
+                raise IOError(f"the body ended after {filled} of {length} bytes")
+            _pwrite_all(fd, buffer[:count], offset + filled)
             filled += count
     except BaseException:
         body.close()
@@ -457,17 +471,24 @@ def _read_exactly(body, view: memoryview) -> None:
         raw.release_conn()
 
 
-def _download_part(client, bucket: str, key: str, view: memoryview, start: int) -> int:
-    """Fill `view` with the object's bytes from `start`; returns the object's whole size."""
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
+def _download_part(client, bucket: str, key: str, fd: int, start: int, length: int) -> int:
+    """Write the object's `length` bytes from `start` into `fd` at `start`; returns the
+    object's whole size."""
     from botocore.exceptions import ClientError
 
     for attempt in range(1, PART_ATTEMPTS + 1):
         try:
-            response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(view) - 1}")
+            response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
             total = int(response.get("ContentRange", "/-1").rpartition("/")[2])
-            if response["ContentLength"] != len(view):
-                raise IOError(f"{response['ContentLength']} bytes at {start}, expected {len(view)} (object size {total})")
-            _read_exactly(response["Body"], view)
+            if response["ContentLength"] != length:
+                raise IOError(f"{response['ContentLength']} bytes at {start}, expected {length} (object size {total})")
+            _read_exactly(response["Body"], fd, start, length)
             return total
         except ClientError:
             raise  # botocore has retried what is worth retrying
@@ -492,8 +513,8 @@ def _download_parts(client, url: str, held: MemoryFile) -> str:
 
     def fetch_more() -> None:
         while len(parts) < PARTS_AT_ONCE and (start := next(upcoming, None)) is not None:
-            parts.append(pool.submit(_download_part, client, location.bucket, location.prefix,
-                                     held.view[start:start + PART_BYTES], start))
+            parts.append(pool.submit(_download_part, client, location.bucket, location.prefix, held.fd,
+                                     start, min(PART_BYTES, held.size - start)))
 
     try:
         # Parts are hashed in file order, here, while the pool fetches the next ones (hashlib
@@ -517,8 +538,8 @@ def download_to_memory(url: str, size: int, factory: S3ClientFactory | None = No
     """Download `url`, which should be `size` bytes, into a MemoryFile; returns it and the sha256
     of what arrived (compare it with the expected one before reading the file).
 
-    On S3, ranged GETs of PART_BYTES, PARTS_AT_ONCE at a time (as s3transfer would), each read
-    straight into its place in the mapping; parts are hashed in order as they complete, so the
+    On S3, ranged GETs of PART_BYTES, PARTS_AT_ONCE at a time (as s3transfer would), each
+    written into its place in the file; parts are hashed in order as they complete, so the
     file is verified soon after its last part lands. Raises DataSourceError (also when the
     object's size is not `size`); the caller closes the MemoryFile. `name` names the memory
     (in /proc/<pid>/maps); the object's base name by default.
@@ -537,11 +558,12 @@ def download_to_memory(url: str, size: int, factory: S3ClientFactory | None = No
                 actual = os.fstat(source.fileno()).st_size
                 if actual != size:
                     raise DataSourceError(f"{url}: {actual} bytes, expected {size}")
-                filled = 0
-                while filled < size:
-                    count = source.readinto(held.view[filled:])
+                buffer, filled = memoryview(bytearray(BOUNCE_BYTES)), 0
+                while filled < size:  # written on with pwrite, as the S3 parts are
+                    count = source.readinto(buffer[:min(len(buffer), size - filled)])
                     if not count:
                         raise DataSourceError(f"{url}: ended after {filled} of {size} bytes")
+                    _pwrite_all(held.fd, buffer[:count], filled)
                     filled += count
         except OSError as error:
             raise DataSourceError(f"{url}: {error.strerror}") from None

@@ -123,12 +123,12 @@ def test_download_to_memory_retries_a_part_whose_body_breaks(payload, fresh_pref
     upload_bytes(payload, url, s3)
     real, broken = transfer._read_exactly, []
 
-    def break_the_second_part_once(body, view):
-        if len(view) == transfer.PART_BYTES and not broken:
+    def break_the_second_part_once(body, fd, offset, length):
+        if offset == transfer.PART_BYTES and not broken:
             broken.append(True)
             body.close()
-            raise http.client.IncompleteRead(b"", len(view))  # what http.client raises for a cut body
-        return real(body, view)
+            raise http.client.IncompleteRead(b"", length)  # what http.client raises for a cut body
+        return real(body, fd, offset, length)
 
     monkeypatch.setattr(transfer, "_read_exactly", break_the_second_part_once)
     held, digest = download_to_memory(url, SIZE, s3)
@@ -145,9 +145,9 @@ def test_download_to_memory_names_a_body_that_keeps_breaking(payload, fresh_pref
     url = f"{fresh_prefix}/broken-body.bin"
     upload_bytes(payload, url, s3)
 
-    def always_broken(body, view):
+    def always_broken(body, fd, offset, length):
         body.close()
-        raise http.client.IncompleteRead(b"", len(view))
+        raise http.client.IncompleteRead(b"", length)
 
     monkeypatch.setattr(transfer, "_read_exactly", always_broken)
     with pytest.raises(DataSourceError, match=r"broken-body.bin: IncompleteRead"):
@@ -163,9 +163,9 @@ def test_download_to_memory_fetches_at_most_parts_at_once_ahead_of_its_hash(payl
     monkeypatch.setattr(transfer, "PARTS_AT_ONCE", 3)
     events, real_part, real_sha256 = [], transfer._download_part, hashlib.sha256
 
-    def recorded_part(client, bucket, key, view, start):
+    def recorded_part(client, bucket, key, fd, start, length):
         events.append(("start", start // transfer.PART_BYTES))
-        return real_part(client, bucket, key, view, start)
+        return real_part(client, bucket, key, fd, start, length)
 
     class SlowDigest:
         def __init__(self):
