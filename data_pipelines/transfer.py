@@ -498,79 +498,116 @@ def _download_part(client, bucket: str, key: str, fd: int, start: int, length: i
     raise AssertionError("unreachable")
 
 
-def _download_parts(client, url: str, held: MemoryFile) -> str:
-    location = parse_s3_url(url)
-    if held.size == 0:
-        size = client.head_object(Bucket=location.bucket, Key=location.prefix)["ContentLength"]
-        if size != 0:
-            raise IOError(f"{size} bytes, expected 0")
-        return hashlib.sha256(b"").hexdigest()
-    digest = hashlib.sha256()
-    starts = range(0, held.size, PART_BYTES)
-    pool = concurrent.futures.ThreadPoolExecutor(min(PARTS_AT_ONCE, len(starts)))
+def _download_error(error: BaseException, url: str) -> DataSourceError:
+    if isinstance(error, DataSourceError):
+        return error
+    if isinstance(error, s3_errors()):
+        return DataSourceError(describe_client_error(error, url))
+    return DataSourceError(f"{url}: {error}")
+
+
+def _download_parts(client, files: list[tuple[str, MemoryFile]]) -> list[str]:
+    """Ranged GETs of every file's parts through one window, hashed per file in order."""
+    for url, held in files:
+        if held.size == 0:
+            location = parse_s3_url(url)
+            try:
+                size = client.head_object(Bucket=location.bucket, Key=location.prefix)["ContentLength"]
+            except s3_errors() as error:
+                raise _download_error(error, url) from None
+            if size != 0:
+                raise DataSourceError(f"{url}: {size} bytes, expected 0")
+    plan = [(url, parse_s3_url(url), held, start) for url, held in files for start in range(0, held.size, PART_BYTES)]
+    digests = {id(held): hashlib.sha256() for _, held in files}
+    if not plan:
+        return [digests[id(held)].hexdigest() for _, held in files]
+    pool = concurrent.futures.ThreadPoolExecutor(min(PARTS_AT_ONCE, len(plan)))
     parts: collections.deque = collections.deque()  # fetched or being fetched, not hashed yet
-    upcoming = iter(starts)
+    upcoming = iter(plan)
 
     def fetch_more() -> None:
-        while len(parts) < PARTS_AT_ONCE and (start := next(upcoming, None)) is not None:
+        while len(parts) < PARTS_AT_ONCE and (item := next(upcoming, None)) is not None:
+            _, location, held, start = item
             parts.append(pool.submit(_download_part, client, location.bucket, location.prefix, held.fd,
                                      start, min(PART_BYTES, held.size - start)))
 
     try:
-        # Parts are hashed in file order, here, while the pool fetches the next ones (hashlib
-        # releases the GIL on large buffers); each part hashed makes room for one more.
+        # Parts are hashed in order, here, while the pool fetches the next ones (hashlib
+        # releases the GIL on large buffers); each part hashed makes room for one more, of this
+        # file or the next, so the window stays full from a file's end to the next one's start.
         fetch_more()
-        for start in starts:
-            total = parts.popleft().result()
+        for url, _, held, start in plan:
+            try:
+                total = parts.popleft().result()
+            except (IOError, http.client.HTTPException, *s3_errors()) as error:
+                raise _download_error(error, url) from None
             if total != held.size:
-                raise IOError(f"{total} bytes, expected {held.size}")
-            digest.update(held.view[start:start + PART_BYTES])
+                raise DataSourceError(f"{url}: {total} bytes, expected {held.size}")
+            digests[id(held)].update(held.view[start:start + PART_BYTES])
             fetch_more()
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    return digest.hexdigest()
+    return [digests[id(held)].hexdigest() for _, held in files]
 
 
 def download_to_memory(url: str, size: int, factory: S3ClientFactory | None = None,
                        name: str | None = None) -> tuple[MemoryFile, str]:
     """Download `url`, which should be `size` bytes, into a MemoryFile; returns it and the sha256
-    of what arrived (compare it with the expected one before reading the file).
-
-    On S3, ranged GETs of PART_BYTES, PARTS_AT_ONCE at a time (as s3transfer would), each
-    written into its place in the file; parts are hashed in order as they complete, so the
-    file is verified soon after its last part lands. Raises DataSourceError (also when the
-    object's size is not `size`); the caller closes the MemoryFile. `name` names the memory
-    (in /proc/<pid>/maps); the object's base name by default.
+    of what arrived (compare it with the expected one before reading the file). Raises
+    DataSourceError (also when the object's size is not `size`); the caller closes the
+    MemoryFile. `name` names the memory (in /proc/<pid>/maps); the object's base name by default.
     """
-    held = MemoryFile(size, name or os.path.basename(url))
+    [(held, digest)] = download_all_to_memory([(url, size, name)], factory)
+    return held, digest
+
+
+def download_all_to_memory(files: list[tuple[str, int, str | None]],
+                           factory: S3ClientFactory | None = None) -> list[tuple[MemoryFile, str]]:
+    """`download_to_memory` of several (url, size, name) at once: [(MemoryFile, sha256)].
+
+    On S3, ranged GETs of PART_BYTES, PARTS_AT_ONCE at a time (as s3transfer would), through
+    one window for all the files: the next file's first parts are on their way while the last
+    ones of the file before are hashed. Each part is written into its place in its file; the
+    parts are hashed in order as they complete, so a file is verified soon after its last part
+    lands. On an error every MemoryFile is closed and DataSourceError names the file.
+    """
+    helds: list[MemoryFile] = []
     try:
-        if is_s3_url(url):
-            try:
-                return held, _download_parts((factory or S3ClientFactory()).client(), url, held)
-            except s3_errors() as error:
-                raise DataSourceError(describe_client_error(error, url)) from None
-            except (IOError, http.client.HTTPException) as error:
-                raise DataSourceError(f"{url}: {error}") from None
-        try:
-            with open(url, "rb", buffering=0) as source:
-                actual = os.fstat(source.fileno()).st_size
-                if actual != size:
-                    raise DataSourceError(f"{url}: {actual} bytes, expected {size}")
-                buffer, filled = memoryview(bytearray(BOUNCE_BYTES)), 0
-                while filled < size:  # written on with pwrite, as the S3 parts are
-                    count = source.readinto(buffer[:min(len(buffer), size - filled)])
-                    if not count:
-                        raise DataSourceError(f"{url}: ended after {filled} of {size} bytes")
-                    _pwrite_all(held.fd, buffer[:count], filled)
-                    filled += count
-        except OSError as error:
-            raise DataSourceError(f"{url}: {error.strerror}") from None
-        return held, hashlib.sha256(held.view).hexdigest()
+        for url, size, name in files:
+            helds.append(MemoryFile(size, name or os.path.basename(url)))
+        remote = [(url, held) for (url, _, _), held in zip(files, helds) if is_s3_url(url)]
+        digests = dict(zip((id(held) for _, held in remote),
+                           _download_parts((factory or S3ClientFactory()).client(), remote) if remote else []))
+        for (url, _, _), held in zip(files, helds):
+            if not is_s3_url(url):
+                digests[id(held)] = _copy_into_memory(url, held)
+        return [(held, digests[id(held)]) for held in helds]
     except BaseException:
-        held.close()
+        for held in helds:
+            held.close()
         raise
+
+
+def _copy_into_memory(url: str, held: MemoryFile) -> str:
+    """A local file into `held`; its sha256."""
+    size = held.size
+    try:
+        with open(url, "rb", buffering=0) as source:
+            actual = os.fstat(source.fileno()).st_size
+            if actual != size:
+                raise DataSourceError(f"{url}: {actual} bytes, expected {size}")
+            buffer, filled = memoryview(bytearray(BOUNCE_BYTES)), 0
+            while filled < size:  # written on with pwrite, as the S3 parts are
+                count = source.readinto(buffer[:min(len(buffer), size - filled)])
+                if not count:
+                    raise DataSourceError(f"{url}: ended after {filled} of {size} bytes")
+                _pwrite_all(held.fd, buffer[:count], filled)
+                filled += count
+    except OSError as error:
+        raise DataSourceError(f"{url}: {error.strerror}") from None
+    return hashlib.sha256(held.view).hexdigest()
 
 
 def delete_file(url: str, factory: S3ClientFactory | None = None) -> None:

@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict
 from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
 from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.transfer import (
-    MemoryFile, abort_multipart_uploads, delete_file, delete_prefix, download_hashed, download_to_memory, list_prefix,
+    MemoryFile, abort_multipart_uploads, delete_file, delete_prefix, download_all_to_memory, download_hashed, list_prefix,
     memory_files_supported, memory_room, MemoryImage, upload_file, upload_image,
 )
 
@@ -751,16 +751,20 @@ class CheckpointManager:
         """Each file into memory, verified, then linked from `local` under its own name."""
         if problem := _name_outside(local, wanted):
             return problem
-        for entry in wanted:  # one file at a time: each already arrives in parallel parts
-            try:
-                held, digest = download_to_memory(join_location(step_url, entry.name), entry.size, self.factory,
-                                                  name=_RESTORE_MEMORY + os.path.basename(entry.name))
-            except DataSourceError as error:
-                return str(error)
-            path = os.path.abspath(os.path.join(local, entry.name))
-            self._held_at[path] = held
+        # All files through one window of parallel parts: the next file is on its way while
+        # the last parts of the one before are hashed.
+        try:
+            downloads = download_all_to_memory(
+                [(join_location(step_url, e.name), e.size, _RESTORE_MEMORY + os.path.basename(e.name)) for e in wanted],
+                self.factory)
+        except DataSourceError as error:
+            return str(error)
+        for entry, (held, _) in zip(wanted, downloads):
+            self._held_at[os.path.abspath(os.path.join(local, entry.name))] = held
+        for entry, (held, digest) in zip(wanted, downloads):
             if digest != entry.sha256:
                 return f"{entry.name} does not match its sha256 in the manifest"
+            path = os.path.abspath(os.path.join(local, entry.name))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.symlink(held.path, path)
         return None

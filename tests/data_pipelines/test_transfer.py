@@ -11,7 +11,9 @@ import torch
 
 from data_pipelines.s3 import DataSourceError
 from data_pipelines import transfer
-from data_pipelines.transfer import MemoryImage, download_hashed, download_to_memory, upload_image
+from data_pipelines.transfer import (
+    MemoryImage, download_all_to_memory, download_hashed, download_to_memory, upload_image,
+)
 
 SIZE = 40 * 2**20 + 12345  # three 16 MiB parts, the last one short
 
@@ -193,3 +195,57 @@ def test_download_to_memory_fetches_at_most_parts_at_once_ahead_of_its_hash(payl
             assert index < hashed + 3, f"part {index} started with only {hashed} parts hashed"
             started.append(index)
     assert sorted(started) == list(range(-(-SIZE // (1 << 20))))
+
+
+def test_download_all_to_memory_keeps_the_window_full_from_one_file_to_the_next(payload, fresh_prefix, s3, monkeypatch):
+    """Several files through one window: the second file's parts start while the first one's
+    last parts still wait for their hash, and each file gets its own bytes and sha256."""
+    sizes = {"a.bin": 5 * (1 << 20) + 7, "empty.bin": 0, "b.bin": 9 * (1 << 20) + 3}
+    for name, size in sizes.items():
+        upload_bytes(payload[:size], f"{fresh_prefix}/{name}", s3)
+    monkeypatch.setattr(transfer, "PART_BYTES", 1 << 20)
+    monkeypatch.setattr(transfer, "PARTS_AT_ONCE", 4)
+    events, real_part, real_sha256 = [], transfer._download_part, hashlib.sha256
+
+    def recorded_part(client, bucket, key, fd, start, length):
+        events.append(("start", key.rpartition("/")[2], start))
+        return real_part(client, bucket, key, fd, start, length)
+
+    class SlowDigest:
+        def __init__(self):
+            self.inner = real_sha256()
+
+        def update(self, data):
+            time.sleep(0.02)
+            self.inner.update(data)
+            events.append(("hashed", len(data)))
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(transfer, "_download_part", recorded_part)
+    monkeypatch.setattr(transfer, "hashlib", types.SimpleNamespace(sha256=SlowDigest))
+    downloads = download_all_to_memory([(f"{fresh_prefix}/{n}", size, None) for n, size in sizes.items()], s3)
+    monkeypatch.undo()
+    for (name, size), (held, digest) in zip(sizes.items(), downloads):
+        with held:
+            assert digest == hashlib.sha256(payload[:size]).hexdigest(), name
+            with open(held.path, "rb") as f:
+                assert f.read() == payload[:size], name
+    first_of_b = events.index(("start", "b.bin", 0))
+    assert sum(1 for e in events[:first_of_b] if e[0] == "hashed") < 6  # a.bin's 6 parts were not all hashed yet
+
+
+def test_download_all_to_memory_names_the_missing_file_and_closes_every_memory(payload, fresh_prefix, s3, monkeypatch):
+    upload_bytes(payload[:1000], f"{fresh_prefix}/there.bin", s3)
+    made = []
+    real = transfer.MemoryFile
+
+    def recorded(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(transfer, "MemoryFile", recorded)
+    with pytest.raises(DataSourceError, match="not-there.bin"):
+        download_all_to_memory([(f"{fresh_prefix}/there.bin", 1000, None), (f"{fresh_prefix}/not-there.bin", 1000, None)], s3)
+    assert len(made) == 2 and all(held.fd == -1 for held in made)
