@@ -7,18 +7,19 @@ an embedded SeaweedFS on 127.0.0.1 that keeps its store in /dev/shm, as the loca
 The baseline is bare s3transfer (`client.upload_file` / `client.download_file`, no hashing)
 of the very files DeepSpeed writes for the same state, with the same TransferConfig as ours,
 measured in the same run. An untimed upload warms the server up first, and each comparison
-runs ours, bare, bare, ours (restores: twice, after an untimed one of each) so that a drift in
-the shared machine's speed weighs on both sides alike; a ratio is the sum of the bare times
-over the sum of ours. Prints:
+runs ours, bare, bare, ours (restores: three times over, after an untimed one of each) so
+that a drift in the shared machine's speed weighs on both sides alike; a ratio is the sum of
+the bare times over the sum of ours. Prints:
   bench checkpoint_save_vs_raw_upload        bare upload seconds / our synchronous save seconds
-                                             (`save` + `wait`: snapshot, serialization,
-                                             upload with sha256, rank report, manifest commit,
+                                             (`save` + `wait`: snapshot, serialization (the
+                                             tensors by reference), upload from there with
+                                             sha256, rank report, manifest commit,
                                              retention); the second save reuses the first's
                                              snapshot buffers, as every later save does
   bench checkpoint_restore_vs_raw_download   bare download seconds / our restore seconds
-                                             (newest manifest, ranged download into memory
-                                             with sha256 verify, weights-only load into the
-                                             engine)
+                                             (newest manifest, ranged download of all its
+                                             files into memory with sha256 verify,
+                                             weights-only load into the engine)
   bench checkpoint_async_stall_fraction      seconds the training thread is blocked in a
                                              background `save` (the snapshot copy) / mean
                                              synchronous save seconds. The upload thread and
@@ -141,7 +142,7 @@ def main() -> None:
             # came first.
             raw_download()
             ours_restore()
-            for _ in range(2):  # a restore is short next to this machine's swings: two rounds
+            for _ in range(3):  # a restore is short next to this machine's swings: three rounds
                 restores.append(timed(ours_restore))
                 downloads.append(timed(raw_download))
                 downloads.append(timed(raw_download))
