@@ -202,51 +202,70 @@ class _ImageReader:
         pass
 
 
-def _image_os_utils(image: MemoryImage):
-    """s3transfer's file access for an upload "from a file" whose bytes are `image`: each part
-    reads its own range of the image, in parallel, no part copied first."""
+def _image_os_utils(images: dict[str, MemoryImage]):
+    """s3transfer's file access for uploads "from files" whose bytes are `images` (by made-up
+    file name): each part reads its own range of its image, in parallel, no part copied first."""
     from s3transfer.utils import OSUtils
 
     class ImageOSUtils(OSUtils):
         def get_file_size(self, filename: str) -> int:
-            return image.size
+            return images[filename].size
 
         def open(self, filename: str, mode: str):
             if mode != "rb":
                 raise ValueError(f"a memory image opens for reading only, not {mode!r}")
-            return image.reader()
+            return images[filename].reader()
 
     return ImageOSUtils()
 
 
 def upload_image(image: MemoryImage, url: str, factory: S3ClientFactory | None = None) -> str:
-    """Upload a closed MemoryImage to `url` (through s3transfer: multipart, parts in
-    parallel) while a second thread takes its sha256; returns the sha256. DataSourceError
-    for S3 failures (s3transfer aborts the multipart upload; a killed process leaves one
-    behind: `abort_multipart_uploads`)."""
+    """Upload a closed MemoryImage to `url`; returns its sha256 (`upload_images` of one)."""
+    return upload_images([(image, url)], factory)[0]
+
+
+def upload_images(uploads: list[tuple[MemoryImage, str]], factory: S3ClientFactory | None = None) -> list[str]:
+    """Upload closed MemoryImages, each to its url, while a second thread takes their sha256s;
+    returns the sha256s. To S3 through one s3transfer manager: multipart, its max_concurrency
+    parts in flight over all the images together, so the next image's parts go out while the
+    last ones of the image before are still on their way. DataSourceError names the first url
+    that failed (s3transfer aborts the multipart uploads; a killed process leaves them behind:
+    `abort_multipart_uploads`)."""
     from s3transfer.manager import TransferManager
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(image.sha256)
-        if is_s3_url(url):
-            location = parse_s3_url(url)
+        digests = [pool.submit(image.sha256) for image, _ in uploads]
+        remote = [(f"vitscale-memory-image-{i}", image, url) for i, (image, url) in enumerate(uploads) if is_s3_url(url)]
+        if remote:
             try:
                 client = (factory or S3ClientFactory()).client()
-                with TransferManager(client, transfer_config(), osutil=_image_os_utils(image)) as manager:
-                    manager.upload("vitscale-memory-image", location.bucket, location.prefix).result()
-            except s3_errors() as error:
-                raise DataSourceError(describe_client_error(error, url)) from None
-        else:
-            os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
-            partial = url + ".partial"
-            try:
-                with open(partial, "wb") as f:
-                    for segment in image.segments:
-                        f.write(segment)
-            except OSError as error:
-                raise DataSourceError(f"{url}: {error.strerror}") from None
-            os.replace(partial, url)
-        return digest.result()
+                images = {name: image for name, image, _ in remote}
+                with TransferManager(client, transfer_config(), osutil=_image_os_utils(images)) as manager:
+                    transfers = [(url, manager.upload(name, parse_s3_url(url).bucket, parse_s3_url(url).prefix))
+                                 for name, _, url in remote]
+                    for url, transfer in transfers:
+                        try:
+                            transfer.result()
+                        except s3_errors() as error:
+                            raise DataSourceError(describe_client_error(error, url)) from None
+            except s3_errors() as error:  # before any transfer started: the client itself
+                raise DataSourceError(describe_client_error(error, remote[0][2])) from None
+        for image, url in uploads:
+            if not is_s3_url(url):
+                _write_image(image, url)
+        return [digest.result() for digest in digests]
+
+
+def _write_image(image: MemoryImage, url: str) -> None:
+    os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
+    partial = url + ".partial"
+    try:
+        with open(partial, "wb") as f:
+            for segment in image.segments:
+                f.write(segment)
+    except OSError as error:
+        raise DataSourceError(f"{url}: {error.strerror}") from None
+    os.replace(partial, url)
 
 
 class _TrackedFile:

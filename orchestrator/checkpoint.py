@@ -66,7 +66,7 @@ from data_pipelines.s3 import DataSourceError, S3ClientFactory, join_location
 from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.transfer import (
     MemoryFile, abort_multipart_uploads, delete_file, delete_prefix, download_all_to_memory, download_hashed, list_prefix,
-    memory_files_supported, memory_room, MemoryImage, upload_file, upload_image,
+    memory_files_supported, memory_room, MemoryImage, upload_file, upload_images,
 )
 
 MANIFEST = "manifest.json"
@@ -74,9 +74,9 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # DeepSpeed names a rank's own shard "..zero_pp_rank_<r>_.."; other files are read by all ranks.
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
-# Files transferred at once. Each transfer already sends several parts in parallel; on a
-# loopback store bound by the server, more files at once were slower, not faster.
-UPLOADS_AT_ONCE = 1
+# Staging-file downloads at once. Each already fetches several parts in parallel; on a
+# loopback store bound by the server, more files at once were slower, not faster. (Uploads and
+# memory downloads share one window of parts over all of a checkpoint's files instead.)
 DOWNLOADS_AT_ONCE = 1
 
 
@@ -494,21 +494,13 @@ class CheckpointManager:
         step_url = join_location(self.url, step_name(step))
         started = time.perf_counter()
         try:
-            # Each file is serialized into memory and uploaded from there; UPLOADS_AT_ONCE files at a time.
-            with concurrent.futures.ThreadPoolExecutor(UPLOADS_AT_ONCE) as uploads:
-                pending = []
-                for path, state in snapshots:
-                    name = os.path.relpath(path, local)
-                    pending.append((name, uploads.submit(self._upload_snapshot, files, state, path, join_location(step_url, name))))
-                snapshots.clear()
-                for name, done in pending:
-                    digest, size = done.result()
-                    report.files.append(FileEntry(name=name, size=size, sha256=digest, rank=self.rank))
-                written = {name for name, _ in pending}
-                for name in sorted(set(os.listdir(local)) - written):  # anything DeepSpeed wrote directly
-                    path = os.path.join(local, name)
-                    digest = self._upload_with_retries(path, join_location(step_url, name))
-                    report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
+            report.files.extend(self._upload_snapshots(files, snapshots, local, step_url))
+            snapshots.clear()
+            written = {entry.name for entry in report.files}
+            for name in sorted(set(os.listdir(local)) - written):  # anything DeepSpeed wrote directly
+                path = os.path.join(local, name)
+                digest = self._upload_with_retries(path, join_location(step_url, name))
+                report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
         except DataSourceError as error:
             report = RankReport(rank=self.rank, ok=False, error=str(error))
         try:
@@ -533,19 +525,29 @@ class CheckpointManager:
             if self.rank == 0:
                 self.last_committed_step = step
 
-    def _upload_snapshot(self, files: _CheckpointFiles, state, path: str, url: str) -> tuple[str, int]:
-        """Serialize one snapshot into memory (its tensors by reference) and upload that, or
-        into `path` and upload the file; (sha256, size)."""
+    def _upload_snapshots(self, files: _CheckpointFiles, snapshots: list[tuple[str, Any]], local: str,
+                          step_url: str) -> list[FileEntry]:
+        """Serialize each snapshot into memory (its tensors by reference) and upload them all
+        together (one window of parallel parts over all the files); the files uploaded. A
+        checkpoint engine other than torch.save writes its files into `local` instead, for
+        the caller to upload with the rest. Every snapshot's buffers are given back after."""
         try:
-            if files.streams:
-                image = MemoryImage(stable=[_storage_span(t) for t in _tensors(state)])
-                files.serialize(state, image)
-                image.close()
-                return self._with_retries(lambda: upload_image(image, url, self.factory)), image.size
-            files.write(state, path)
-            return self._upload_with_retries(path, url), os.path.getsize(path)
+            images = []
+            for path, state in snapshots:
+                if files.streams:
+                    image = MemoryImage(stable=[_storage_span(t) for t in _tensors(state)])
+                    files.serialize(state, image)
+                    image.close()
+                    images.append((os.path.relpath(path, local), image))
+                else:
+                    files.write(state, path)
+            digests = self._with_retries(lambda: upload_images(
+                [(image, join_location(step_url, name)) for name, image in images], self.factory))
+            return [FileEntry(name=name, size=image.size, sha256=digest, rank=self.rank)
+                    for (name, image), digest in zip(images, digests)]
         finally:
-            files.give_back(path, state)
+            for path, state in snapshots:
+                files.give_back(path, state)
 
     def _upload_with_retries(self, path: str, url: str) -> str:
         return self._with_retries(lambda: upload_file(path, url, self.factory))

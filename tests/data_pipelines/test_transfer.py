@@ -12,7 +12,7 @@ import torch
 from data_pipelines.s3 import DataSourceError
 from data_pipelines import transfer
 from data_pipelines.transfer import (
-    MemoryImage, download_all_to_memory, download_hashed, download_to_memory, upload_image,
+    MemoryImage, download_all_to_memory, download_hashed, download_to_memory, upload_image, upload_images,
 )
 
 SIZE = 40 * 2**20 + 12345  # three 16 MiB parts, the last one short
@@ -249,3 +249,18 @@ def test_download_all_to_memory_names_the_missing_file_and_closes_every_memory(p
     with pytest.raises(DataSourceError, match="not-there.bin"):
         download_all_to_memory([(f"{fresh_prefix}/there.bin", 1000, None), (f"{fresh_prefix}/not-there.bin", 1000, None)], s3)
     assert len(made) == 2 and all(held.fd == -1 for held in made)
+
+
+def test_upload_images_sends_several_through_one_manager_and_names_the_one_that_failed(payload, fresh_prefix, s3, tmp_path):
+    first, _ = image_of(payload[:20_000_000])
+    second, _ = image_of(payload[5:9_000_005])
+    urls = [f"{fresh_prefix}/one.bin", str(tmp_path / "two.bin")]  # S3 and a folder alike
+    assert upload_images([(first, urls[0]), (second, urls[1])], s3) == [
+        hashlib.sha256(payload[:20_000_000]).hexdigest(), hashlib.sha256(payload[5:9_000_005]).hexdigest()]
+    held, _ = download_to_memory(urls[0], first.size, s3)
+    with held, open(held.path, "rb") as f:
+        assert f.read() == payload[:20_000_000]
+    with open(urls[1], "rb") as f:
+        assert f.read() == payload[5:9_000_005]
+    with pytest.raises(DataSourceError, match="s3://no-such-bucket-here/two.bin"):
+        upload_images([(first, f"{fresh_prefix}/again.bin"), (second, "s3://no-such-bucket-here/two.bin")], s3)

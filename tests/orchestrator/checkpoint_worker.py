@@ -73,17 +73,17 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
     if args.hang_after_upload >= 0:
-        real_upload = checkpoint.upload_image
+        real_upload = checkpoint.upload_images
         tag = checkpoint.step_name(args.hang_after_upload)
 
-        def upload_then_hang(image, url, factory=None):
-            uploaded = real_upload(image, url, factory)
-            if f"/{tag}/" in url:
+        def upload_then_hang(uploads, factory=None):
+            uploaded = real_upload(uploads, factory)
+            if any(f"/{tag}/" in url for _, url in uploads):
                 open(os.path.join(args.dumps, f"hanging-rank-{rank}"), "w").close()
                 time.sleep(3600)
             return uploaded
 
-        checkpoint.upload_image = upload_then_hang
+        checkpoint.upload_images = upload_then_hang
 
     manager = checkpoint.CheckpointManager(
         args.url, staging_dir=args.staging, rank=rank, world_size=world, keep_last=args.keep_last,

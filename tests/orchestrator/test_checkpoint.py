@@ -273,10 +273,10 @@ def test_a_manifest_name_outside_the_staging_folder_is_refused_by_both_downloads
     assert not os.path.exists(tmp_path / "escaped.pt") and not manager._held_at
 
 
-def test_a_snapshot_is_uploaded_from_its_own_tensors_not_a_copy(tmp_path, monkeypatch):
-    """torch.save hands each storage of the snapshot to the MemoryImage as it is: the image
-    holds every tensor byte by reference (the parts go from the snapshot to the socket), and
-    what lands is the file torch.save writes, with its sha256."""
+def test_snapshots_are_uploaded_from_their_own_tensors_not_a_copy(tmp_path, monkeypatch):
+    """torch.save hands each storage of a snapshot to its MemoryImage as it is: the images hold
+    every tensor byte by reference (the parts go from the snapshot to the socket), all files
+    go up in one upload_images call, and what lands is what torch.save writes, with its sha256."""
     import hashlib
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -285,24 +285,32 @@ def test_a_snapshot_is_uploaded_from_its_own_tensors_not_a_copy(tmp_path, monkey
 
     files = checkpoint._CheckpointFiles(TorchCheckpointEngine(config_params=None))
     assert files.streams
-    state = checkpoint._snapshot({"module": {"w": torch.randn(512, 1024), "b": torch.randn(3 << 18)},
-                                  "optimizer": [torch.ones(2 << 20, dtype=torch.bfloat16)], "step": 7}, iter([]))
-    images = []
+    states = {
+        "model.pt": {"module": {"w": torch.randn(512, 1024), "b": torch.randn(3 << 18)}, "step": 7},
+        "optim.pt": {"optimizer": [torch.ones(2 << 20, dtype=torch.bfloat16)], "step": 7},
+    }
+    local = tmp_path / "staging" / "step"
+    snapshots = [(str(local / name), checkpoint._snapshot(state, iter([]))) for name, state in states.items()]
+    calls = []
 
-    def recorded(image, url, factory=None):
-        images.append(image)
-        return real(image, url, factory)
+    def recorded(uploads, factory=None):
+        calls.append([image for image, _ in uploads])
+        return real(uploads, factory)
 
-    real = checkpoint.upload_image
-    monkeypatch.setattr(checkpoint, "upload_image", recorded)
+    real = checkpoint.upload_images
+    monkeypatch.setattr(checkpoint, "upload_images", recorded)
     manager = checkpoint.CheckpointManager(str(tmp_path / "store"), staging_dir=str(tmp_path / "staging"), log=lambda m: None)
-    url = str(tmp_path / "store" / "x.pt")
-    digest, size = manager._upload_snapshot(files, state, str(tmp_path / "staging" / "x.pt"), url)
-    [image] = images
-    tensor_bytes = sum(t.untyped_storage().nbytes() for t in checkpoint._tensors(state))
-    assert image.kept_bytes == tensor_bytes and size == image.size == os.path.getsize(url)
-    with open(url, "rb") as f:
-        assert digest == hashlib.sha256(f.read()).hexdigest()
-    loaded = torch.load(url, weights_only=True)
-    assert torch.equal(loaded["module"]["w"], state["module"]["w"]) and loaded["step"] == 7
-    assert torch.equal(loaded["optimizer"][0], state["optimizer"][0])
+    entries = manager._upload_snapshots(files, snapshots, str(local), str(tmp_path / "store" / "step"))
+    [images] = calls
+    assert [e.name for e in entries] == ["model.pt", "optim.pt"]
+    for (path, state), image, entry in zip(snapshots, images, entries):
+        url = str(tmp_path / "store" / "step" / entry.name)
+        assert image.kept_bytes == sum(t.untyped_storage().nbytes() for t in checkpoint._tensors(state))
+        assert entry.size == image.size == os.path.getsize(url)
+        with open(url, "rb") as f:
+            assert entry.sha256 == hashlib.sha256(f.read()).hexdigest()
+        loaded = torch.load(url, weights_only=True)
+        assert loaded["step"] == 7
+    assert torch.equal(torch.load(tmp_path / "store" / "step" / "model.pt", weights_only=True)["module"]["w"],
+                       states["model.pt"]["module"]["w"])
+    assert set(files.spare) == {"model.pt", "optim.pt"}  # the buffers are given back for the next save
