@@ -20,16 +20,15 @@ written or read. `save` lets DeepSpeed assemble its state dicts, copies their te
 memory and returns; a background thread serializes each file into memory, where the
 snapshot's tensors are held by reference rather than copied (`MemoryImage`; no staging
 file), and uploads the rank's files together, one window of parallel multipart parts over
-all of them that go from those tensors to the socket, taking their sha256s in a second thread
-meanwhile. At most one checkpoint is in flight, and `save` waits only while the
+all of them that go from those tensors to the socket, taking their sha256s in a second
+thread meanwhile. At most one checkpoint is in flight, and `save` waits only while the
 previous one is still going; that wait plus the copy is the stall, counted in
 `stall_seconds`. The copy goes into the previous checkpoint's host buffers when the shapes
 match, so a rank keeps one checkpoint's worth of host memory between saves (`close` frees it).
 
 `restore` downloads this rank's files into memory (a memfd; a staging file where there are
 none), in parallel ranged parts through one window over all of them, hashing each file in
-order as it arrives, and loads
-them only after every file of every rank matched the manifest. The staging folder then holds
+order as it arrives, and loads them only after every file of every rank matched the manifest. The staging folder then holds
 links to that memory, so DeepSpeed finds and maps the files where it expects them.
 
 Ranks coordinate through the store itself (their reports), not through collectives, so that
