@@ -310,11 +310,20 @@ def _mappings_of(held: MemoryFile) -> set[tuple[int, int]]:
 
 def _snapshot(item, spare):
     """A host copy of `item`'s tensors (like DeepSpeed's clone_tensors_for_torch_save), each
-    copied into the next buffer of `spare` when shape and dtype match, else into a new one."""
+    copied into the next buffer of `spare` when shape and dtype match, else into a new one.
+    A GPU tensor's buffer is page-locked (pinned): the copy out of the GPU, which is all a
+    background save stalls training for, then runs at the link's full speed rather than
+    through the driver's staging of pageable memory (as PyTorch's own async checkpointing
+    stages into pinned memory)."""
     if torch.is_tensor(item):
         buffer = next(spare, None)
-        if buffer is None or buffer.shape != item.shape or buffer.dtype != item.dtype:
-            buffer = torch.empty(item.shape, dtype=item.dtype, device="cpu")
+        pinned = item.device.type == "cuda"
+        if (buffer is None or buffer.shape != item.shape or buffer.dtype != item.dtype
+                or (pinned and not buffer.is_pinned())):
+            try:
+                buffer = torch.empty(item.shape, dtype=item.dtype, device="cpu", pin_memory=pinned)
+            except RuntimeError:  # no page-locked memory to be had: pageable works, only slower
+                buffer = torch.empty(item.shape, dtype=item.dtype, device="cpu")
         return buffer.copy_(item.detach())
     if isinstance(item, list):
         return [_snapshot(v, spare) for v in item]
