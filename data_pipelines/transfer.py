@@ -241,8 +241,10 @@ def upload_images(uploads: list[tuple[MemoryImage, str]], factory: S3ClientFacto
                 client = (factory or S3ClientFactory()).client()
                 images = {name: image for name, image, _ in remote}
                 with TransferManager(client, transfer_config(), osutil=_image_os_utils(images)) as manager:
-                    transfers = [(url, manager.upload(name, parse_s3_url(url).bucket, parse_s3_url(url).prefix))
-                                 for name, _, url in remote]
+                    transfers = []
+                    for name, _, url in remote:
+                        location = parse_s3_url(url)
+                        transfers.append((url, manager.upload(name, location.bucket, location.prefix)))
                     for url, transfer in transfers:
                         try:
                             transfer.result()
@@ -518,8 +520,6 @@ def _download_part(client, bucket: str, key: str, fd: int, start: int, length: i
 
 
 def _download_error(error: BaseException, url: str) -> DataSourceError:
-    if isinstance(error, DataSourceError):
-        return error
     if isinstance(error, s3_errors()):
         return DataSourceError(describe_client_error(error, url))
     return DataSourceError(f"{url}: {error}")

@@ -28,8 +28,9 @@ match, so a rank keeps one checkpoint's worth of host memory between saves (`clo
 
 `restore` downloads this rank's files into memory (a memfd; a staging file where there are
 none), in parallel ranged parts through one window over all of them, hashing each file in
-order as it arrives, and loads them only after every file of every rank matched the manifest. The staging folder then holds
-links to that memory, so DeepSpeed finds and maps the files where it expects them.
+order as it arrives, and loads them only after every file of every rank matched the
+manifest. The staging folder then holds links to that memory, so DeepSpeed finds and maps the
+files where it expects them.
 
 Ranks coordinate through the store itself (their reports), not through collectives, so that
 the upload thread never issues a collective beside the training loop's. The only collectives
@@ -771,12 +772,12 @@ class CheckpointManager:
                 self.factory)
         except DataSourceError as error:
             return str(error)
-        for entry, (held, _) in zip(wanted, downloads):
-            self._held_at[os.path.abspath(os.path.join(local, entry.name))] = held
-        for entry, (held, digest) in zip(wanted, downloads):
+        paths = [os.path.abspath(os.path.join(local, e.name)) for e in wanted]
+        for path, (held, _) in zip(paths, downloads):
+            self._held_at[path] = held
+        for entry, path, (held, digest) in zip(wanted, paths, downloads):
             if digest != entry.sha256:
                 return f"{entry.name} does not match its sha256 in the manifest"
-            path = os.path.abspath(os.path.join(local, entry.name))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.symlink(held.path, path)
         return None
