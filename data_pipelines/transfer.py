@@ -368,8 +368,9 @@ class MemoryFile:
     """A file in memory (a memfd): `path` opens it, or maps it, like a file while it is open.
 
     `view` is a shared mapping of it (downloads write with `pwrite`, which fills a page
-    without zeroing it first, and hash through `view`); `close` drops the descriptor and the
-    mapping, and the memory goes once nothing else maps it either.
+    without zeroing it first, and hash through `view`); `close_view` unmaps it early, for a
+    reader that maps the file itself; `close` drops the descriptor and the mapping, and the
+    memory goes once nothing else maps it either.
     """
 
     def __init__(self, size: int, name: str = "vitscale"):
@@ -395,16 +396,27 @@ class MemoryFile:
 
     def release(self, offset: int, length: int) -> None:
         """Give the memory of a page-aligned range back to the system, in every mapping of it
-        (it reads as zeros afterwards)."""
-        self._map.madvise(mmap.MADV_REMOVE, offset, length)
+        (it reads as zeros afterwards). Through the descriptor, so also after `close_view`; the
+        GIL is free meanwhile (freeing 1 GiB takes ~0.2 s)."""
+        if length and _fallocate(self.fd, _PUNCH_HOLE, offset, length) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"releasing {length} bytes at {offset}: {os.strerror(error)}")
+
+    def close_view(self) -> None:
+        """Unmap `view` (the file stays open): unmapping 1 GiB that was read through takes
+        ~0.035 s, with the GIL free."""
+        self.view.release()
+        self.view = memoryview(b"")
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a slice of it is still alive (say, in a traceback):
+                self._map.close()  # the mapping then goes with the last slice
+            self._map = None
+        self.address = 0
 
     def close(self) -> None:
         if self.fd < 0:
             return
-        self.view.release()
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a slice of it is still alive (say, in a traceback):
-                self._map.close()  # the mapping then goes with the last slice
+        self.close_view()
         os.close(self.fd)
         self.fd = -1
 
@@ -438,8 +450,23 @@ def memory_room() -> int | None:
     return room
 
 
+def _libc_fallocate():
+    """glibc's fallocate(fd, mode, offset, length) (os has only posix_fallocate), or None."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError, TypeError):  # not glibc, or not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _libc_fallocate()
+_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (linux/falloc.h)
+
+
 def memory_files_supported() -> bool:
-    return hasattr(os, "memfd_create") and hasattr(mmap, "MADV_REMOVE") and os.path.isdir("/proc/self/fd")
+    return hasattr(os, "memfd_create") and _fallocate is not None and os.path.isdir("/proc/self/fd")
 
 
 # Ranged GETs of a download_to_memory: on loopback SeaweedFS, 32 MiB parts cost the server

@@ -105,6 +105,27 @@ def test_download_to_memory_holds_the_bytes_and_their_sha256(where, payload, fre
     assert held.fd == -1
 
 
+def test_a_memory_file_gives_back_a_range_through_its_descriptor_after_its_view_is_unmapped(payload, tmp_path):
+    """What a restore does once DeepSpeed has copied what it needs out of a download: the
+    hashing view goes first, then the ranges nothing uses go back, in every mapping of them."""
+    import mmap
+
+    (tmp_path / "x.bin").write_bytes(payload)
+    held, _ = download_to_memory(str(tmp_path / "x.bin"), SIZE)
+    with held, open(held.path, "rb") as f, mmap.mmap(f.fileno(), SIZE, prot=mmap.PROT_READ) as reader:
+        held.close_view()
+        assert held.view.nbytes == 0 and held.address == 0
+        start, length = 4 * mmap.PAGESIZE, 16 * 2**20
+        before = held.allocated_bytes()
+        held.release(start, length)
+        assert held.allocated_bytes() == before - length
+        assert reader[start:start + length] == bytes(length)  # gone from the reader's mapping too
+        assert reader[:start] == payload[:start] and reader[start + length:] == payload[start + length:]
+    assert held.fd == -1
+    with pytest.raises(OSError, match="releasing 4096 bytes at 0: Bad file descriptor"):
+        held.release(0, 4096)
+
+
 def test_download_to_memory_of_an_empty_object(fresh_prefix, s3):
     upload_bytes(b"", f"{fresh_prefix}/empty.bin", s3)
     held, digest = download_to_memory(f"{fresh_prefix}/empty.bin", 0, s3)
