@@ -125,3 +125,18 @@ def test_embedded_server_stops_sigterm_then_sigkill_and_cleans_up():
     assert process.poll() is not None  # gone: SeaweedFS ignores SIGTERM for >10 s, so this was SIGKILL
     assert time.monotonic() - began < 8 and not os.path.exists(data_dir)
     server.stop()  # idempotent
+
+
+def test_embedded_server_waits_for_a_clean_exit_only_when_its_store_is_kept(tmp_path, monkeypatch):
+    """A store of its own is deleted right after: no grace (a dry run waited 15 s for it)."""
+    from data_pipelines import embedded_s3
+
+    graces = []
+    monkeypatch.setattr(embedded_s3, "terminate", lambda process, grace_seconds: graces.append(grace_seconds))
+    own = embedded_s3.EmbeddedS3(grace_seconds=9)
+    own.stop()
+    (tmp_path / "store").mkdir()
+    kept = embedded_s3.EmbeddedS3(str(tmp_path / "store"), grace_seconds=9)
+    kept.stop()
+    assert graces == [0, 9]
+    assert not os.path.exists(own.data_dir) and os.path.isdir(kept.data_dir)
