@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -31,12 +32,39 @@ class PrometheusError(RuntimeError):
     pass
 
 
+# Ray's workers listen on 10002-19999 by default; above them, below the ephemeral range, no
+# port is handed out by the kernel.
+FIRST_QUIET_PORT = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 (Linux's sysctl; its default elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(count: int) -> int:
-    """A base port p with p .. p + count - 1 free on 127.0.0.1 right now."""
+    """A base port p with p .. p + count - 1 free on 127.0.0.1 right now.
+
+    Picked at random between Ray's worker ports and the kernel's ephemeral range: the ports
+    are taken only later (a worker binds its own once it runs), and meanwhile Ray, SeaweedFS
+    and every client bind ports the kernel hands out from the ephemeral range (a dry run's
+    worker once found the port picked for it there taken by then). Where that range leaves
+    no room below it, a port the kernel hands out is the base.
+    """
+    low, high = FIRST_QUIET_PORT, ephemeral_ports()[0] - count
+    pick = random.SystemRandom()  # not the random module's state, which a run may have seeded
     for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+        if high > low:
+            base = pick.randint(low, high)
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = probe.getsockname()[1]
         if base + count > 65000:
             continue
         sockets = []

@@ -27,6 +27,22 @@ def scrape(url: str) -> dict[str, float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def test_free_ports_come_from_below_the_range_the_kernel_hands_out():
+    """The ports a dry run picks for its exporters are bound only later, by the workers: from
+    the ephemeral range, Ray or any client could take one meanwhile."""
+    import socket
+
+    from orchestrator.local_prometheus import FIRST_QUIET_PORT, ephemeral_ports
+
+    low, _ = ephemeral_ports()
+    bases = {free_ports(3) for _ in range(20)}
+    assert len(bases) > 1  # picked at random: concurrent runs seldom try the same
+    for base in bases:
+        assert FIRST_QUIET_PORT <= base and base + 3 <= low
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 2))  # free when returned
+
+
 def test_worker_exporter_sets_gauges_advances_counters_and_observes_histograms():
     metrics = WorkerMetrics("r", 3, "node-a", address="127.0.0.1", port=free_ports(1))
     try:
