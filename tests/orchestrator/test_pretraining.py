@@ -32,10 +32,33 @@ def attempts_in(record_dir):
     return [(starts[a], attempts[a]) for a in sorted(starts)]
 
 
+def idle_ray_workers() -> list[int]:
+    """Pids of the worker processes holding no task or actor that the raylet of the local Ray
+    this process started (its child) runs; another Ray on the machine is not looked at."""
+
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+
+    pids = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::IDLE") and parent(parent(pid)) == os.getpid():
+                    pids.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_falls_with_two_workers(cluster, stage, capfd):
     config = config_for(cluster, f"zero-{stage}", zero_stage=stage)
     metrics = run_pretraining(config)
+    # A run makes actors only, each in its own process: the local Ray prestarts no worker
+    # that would sit idle beside them (each wakes 100 times a second).
+    assert not idle_ray_workers()
     out = capfd.readouterr().out
     losses = [float(x) for x in re.findall(r"step \d+ .*?loss ([\d.]+)", out)]
     assert len(losses) >= 4, out[-3000:]
