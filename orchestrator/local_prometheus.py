@@ -37,14 +37,14 @@ class PrometheusError(RuntimeError):
 FIRST_QUIET_PORT = 20000
 
 
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for ports bound to 0 (Linux's sysctl; its default elsewhere)."""
+def first_ephemeral_port() -> int:
+    """Where the kernel's range for ports bound to 0 starts (Linux's sysctl; its default
+    elsewhere)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = map(int, f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_ports(count: int) -> int:
@@ -56,7 +56,7 @@ def free_ports(count: int) -> int:
     worker once found the port picked for it there taken by then). Where that range leaves
     no room below it, a port the kernel hands out is the base.
     """
-    low, high = FIRST_QUIET_PORT, ephemeral_ports()[0] - count
+    low, high = FIRST_QUIET_PORT, first_ephemeral_port() - count
     pick = random.SystemRandom()  # not the random module's state, which a run may have seeded
     for _ in range(50):
         if high > low:

@@ -32,9 +32,9 @@ def test_free_ports_come_from_below_the_range_the_kernel_hands_out():
     the ephemeral range, Ray or any client could take one meanwhile."""
     import socket
 
-    from orchestrator.local_prometheus import FIRST_QUIET_PORT, ephemeral_ports
+    from orchestrator.local_prometheus import FIRST_QUIET_PORT, first_ephemeral_port
 
-    low, _ = ephemeral_ports()
+    low = first_ephemeral_port()
     bases = {free_ports(3) for _ in range(20)}
     assert len(bases) > 1  # picked at random: concurrent runs seldom try the same
     for base in bases:
