@@ -32,7 +32,12 @@ def deepspeed_config(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
                 "torch_adam": not use_gpu,
             },
         },
-        "bf16": {"enabled": use_gpu},
+        # DeepSpeed's bf16 overflow check is a serial pass over every gradient before each
+        # update: 16.7 ms of a 103 ms ViT-B/16 step (batch 256) on an H200, MFU 0.265 -> 0.309
+        # without it. bf16 has fp32's range, so loss scaling needs no such check; the worker
+        # checks the gradient norm DeepSpeed computes anyway for clipping after every update
+        # and rolls back when an update made the parameters non-finite (train_loop.py).
+        "bf16": {"enabled": use_gpu, "check_grad_overflow": False},
         "zero_optimization": {"stage": config.zero_stage},
         "steps_per_print": 10**12,  # our own metrics and logs report progress
         "wall_clock_breakdown": False,
@@ -40,7 +45,8 @@ def deepspeed_config(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
 
 
 def build_engine(config: PretrainConfig, *, use_gpu: bool):
-    """Model (same initial weights on every rank) wrapped by deepspeed.initialize."""
+    """Model (same initial weights on every rank) wrapped by deepspeed.initialize, compiled
+    when the config says so (the first steps then take the compile time)."""
     import deepspeed
     import torch
 
@@ -58,4 +64,8 @@ def build_engine(config: PretrainConfig, *, use_gpu: bool):
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=deepspeed_config(config, use_gpu=use_gpu)
     )
+    if config.torch_compile:
+        # nn.Module.compile in place: the state dict keeps its keys, so checkpoints of compiled
+        # and eager runs load into each other.
+        engine.compile()
     return engine

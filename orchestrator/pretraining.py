@@ -139,7 +139,7 @@ def start_driver_metrics(config: PretrainConfig, ray, log: Callable[[str], None]
 
 def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = print,
                     record_dir: str | None = None, nan_loss_at: dict[int, int] | None = None,
-                    metrics_linger: float = 0.0) -> dict:
+                    nan_grad_at: dict[int, int] | None = None, metrics_linger: float = 0.0) -> dict:
     """Preflight, then train; returns the last metrics reported by rank 0.
 
     While it trains, the driver serves its own metrics (run info, workers, restarts) on
@@ -160,7 +160,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
-                                        metrics_linger=metrics_linger),
+                                        nan_grad_at=nan_grad_at, metrics_linger=metrics_linger),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),

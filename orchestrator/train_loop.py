@@ -12,11 +12,16 @@ ranks agree (one all-reduce) that every rank has a batch and that every loss is 
 - a non-finite loss on any rank skips that micro-batch everywhere and is counted; after
   `NONFINITE_ROLLBACK` in a row the run rolls back to the last committed checkpoint while the
   data stream goes on, so the window that produced them is skipped;
+- after each update the worker reads the global gradient norm DeepSpeed computed for
+  clipping: a non-finite one is counted; when DeepSpeed applied that update anyway (bf16,
+  whose serial overflow check is off for speed: orchestrator/engine.py) and the parameters
+  are no longer finite, the run rolls back at once;
 - a checkpoint is committed only when every rank's parameters are finite.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -35,7 +40,8 @@ NONFINITE_ROLLBACK = 3
 
 
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
-                  nan_loss_at: dict[int, int] | None = None, metrics_linger: float = 0.0) -> dict[str, Any]:
+                  nan_loss_at: dict[int, int] | None = None, nan_grad_at: dict[int, int] | None = None,
+                  metrics_linger: float = 0.0) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -44,11 +50,21 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             so a test can check what a run saw.
         nan_loss_at: fault injection for tests: {step: n} makes the next n micro-batch losses
             NaN once the run has completed `step` optimizer steps.
+        nan_grad_at: likewise, but the next n micro-batches keep a finite loss and give a NaN
+            gradient.
         metrics_linger: seconds a worker keeps serving its final metrics before it exits, so a
             scraper sees the end of a short run.
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
-            "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()}, "metrics_linger": metrics_linger}
+            "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()},
+            "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger}
+
+
+def gradient_norm_finite(engine) -> bool:
+    """Whether the global gradient norm of the engine's last update was finite (True before
+    the first update, or when DeepSpeed computes none)."""
+    norm = engine.get_global_grad_norm()
+    return norm is None or math.isfinite(float(norm))
 
 
 def checkpoint_url(config: PretrainConfig) -> str:
@@ -80,6 +96,7 @@ class _Worker:
         self.rank, self.world_size = rank, world_size
         self.record_dir = config.get("record_dir")
         self.nan_loss_at = {int(k): v for k, v in (config.get("nan_loss_at") or {}).items()}
+        self.nan_grad_at = {int(k): v for k, v in (config.get("nan_grad_at") or {}).items()}
         run = self.run_config
         self.use_gpu = torch.cuda.is_available() and run.gpus_per_worker > 0
         self.engine = build_engine(run, use_gpu=self.use_gpu)
@@ -161,6 +178,10 @@ class _Worker:
             if loss is not None and self.nan_loss_at.get(self.step, 0) > 0:
                 self.nan_loss_at[self.step] -= 1
                 loss = loss * float("nan")
+            if loss is not None and self.nan_grad_at.get(self.step, 0) > 0:
+                self.nan_grad_at[self.step] -= 1
+                # sqrt(0 * loss) is 0 and its gradient inf * 0 = NaN: a finite loss, NaN gradients.
+                loss = loss + torch.sqrt(loss * 0)
             has_batch, finite = self._agree(batch is not None, loss is not None and bool(torch.isfinite(loss)))
             if not has_batch:
                 self._next_epoch()
@@ -179,6 +200,17 @@ class _Worker:
             self.engine.step()
             losses.append(loss.item())
             self._record(f"step {self.step + 1} " + " ".join(batch["key"]))
+        # The update ran with the last micro-batch; loss.item() waited for it, so this costs
+        # no extra synchronization. The norm is global: every rank takes the same branch.
+        if not gradient_norm_finite(self.engine):
+            self.nonfinite_total += 1
+            if not self._parameters_finite():
+                self.log(f"step {self.step + 1}: non-finite gradient norm made the parameters non-finite "
+                         f"({self.nonfinite_total} non-finite in all): rolling back")
+                self._roll_back()
+                return None
+            self.log(f"step {self.step + 1}: non-finite gradient norm, update skipped by DeepSpeed "
+                     f"({self.nonfinite_total} non-finite in all)")
         return losses
 
     def _loss(self, batch: dict) -> torch.Tensor:

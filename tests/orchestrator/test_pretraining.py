@@ -116,12 +116,15 @@ def test_non_finite_losses_are_skipped_and_roll_back(cluster, tmp_path, capfd):
     config = config_for(cluster, "nan", max_steps=12, checkpoint_every=4, log_every=2)
     record = tmp_path / "record"
     record.mkdir()
-    # One NaN after step 2 (skipped), three in a row after step 9 (roll back to step 8).
-    run_pretraining(config, record_dir=str(record), nan_loss_at={2: 1, 9: 3})
+    # One NaN after step 2 (skipped), three in a row after step 9 (roll back to step 8); a
+    # finite loss with NaN gradients after step 5 (DeepSpeed's fp32 engine skips the update;
+    # the bf16 one applies it, and then the worker rolls back: tests/orchestrator/test_engine.py).
+    run_pretraining(config, record_dir=str(record), nan_loss_at={2: 1, 9: 3}, nan_grad_at={5: 1})
     out = capfd.readouterr().out
     assert "step 3: non-finite loss, micro-batch skipped (1 in a row, 1 in all)" in out
+    assert "step 6: non-finite gradient norm, update skipped by DeepSpeed (2 non-finite in all)" in out
     assert "rolled back from step 9 to step 8" in out
-    assert re.search(r"step 12 nonfinite_total 4 rollbacks 1", out), out[-2000:]
+    assert re.search(r"step 12 nonfinite_total 5 rollbacks 1", out), out[-2000:]
     # The data stream went forward through the rollback: no sample trained twice.
     [(start, steps)] = attempts_in(record)
     keys = [k for ks in steps.values() for k in ks]

@@ -1,0 +1,37 @@
+"""The engine config with real DeepSpeed: overflow handling and the worker's gradient-norm
+check, and torch_compile."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_worker.py")
+
+
+def run_worker(config: str) -> dict:
+    # A process of its own: DeepSpeed's process group would outlive the test in pytest's.
+    proc = subprocess.run([sys.executable, WORKER, config], capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.mark.parametrize("config", ["gpu-config", "cpu-config"])
+def test_a_non_finite_gradient_norm_is_seen_after_the_update(config):
+    result = run_worker(config)
+    assert result["bf16"] == (config == "gpu-config")
+    assert result["before_any_update"] and result["after_clean_update"]
+    assert result["loss_finite"] and not result["after_nan_update"]
+    # bf16 (GPUs): DeepSpeed's serial overflow check is off for speed, so it applies the update
+    # and the parameters go non-finite: the worker rolls back. fp32 (CPUs): DeepSpeed skips it.
+    assert result["parameters_finite"] == (config == "cpu-config")
+
+
+def test_torch_compile_compiles_the_model_in_place():
+    result = run_worker("compiled")
+    assert result["is_compiled"] == {"False": False, "True": True}
+    # Compiled in place, not wrapped: checkpoints of compiled and eager runs share their keys.
+    assert result["same_keys"] and result["keys"] > 10
