@@ -97,6 +97,11 @@ class PretrainConfig(BaseModel):
     # extra gradient/parameter collectives buy nothing here; measured on CPU (benchmarks/
     # train_step.py) ZeRO-1 and -2 cost about the same, 0.87-0.88 of a bare torch loop.
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # torch.compile the model (inductor) in every worker: ViT-B/16 bf16 on an H200 (benchmarks/
+    # mfu.py, batch 256) steps in 75 ms instead of 88 (MFU 0.309 -> 0.363), for ~22 s of
+    # compiling at each worker start. Off by default until a whole run has been tried with it
+    # on a GPU; on CPUs it gains nothing (measured: ViT-Ti/16).
+    torch_compile: bool = False
     seed: int = 0
 
     # Where things live, and what to do after.
