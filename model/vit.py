@@ -143,9 +143,19 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.masked_patch_head.bias)
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images -> (N, P, D) patch embeddings, before position embeddings."""
+        """(N, 3, H, W) images -> (N, P, D) patch embeddings, before position embeddings.
+
+        The patch embedding is a conv whose stride is its kernel, i.e. one matrix product over
+        the flattened patches, and is computed as one (the conv's weights, so checkpoints are
+        unchanged): on an H200, ViT-B/16 bf16 batch 256, cuDNN's conv with its layout changes
+        took 3.9 ms of fwd+bwd, the GEMM 0.7 ms (the whole fwd+bwd 78.7 -> 75.7 ms eager,
+        63.7 -> 60.4 ms compiled).
+        """
         x = self.backbone(images) if self.backbone is not None else images
-        return self.patch_embed(x).flatten(2).transpose(1, 2)
+        n, c, h, w = x.shape
+        p = self.patch_embed.kernel_size[0]
+        patches = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * p * p)
+        return F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, P, D) patch embeddings -> (N, 1 + P, D) final representations, class token first."""

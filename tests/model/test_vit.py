@@ -117,3 +117,25 @@ def test_small_hybrid_runs_on_cpu():
     assert logits.shape == (2, 3)
     logits.sum().backward()
     assert model.backbone.root[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_patch_embedding_is_the_strided_conv(hybrid):
+    # embed_patches computes the conv as one matrix product over flattened patches.
+    torch.manual_seed(0)
+    if hybrid:
+        model = VisionTransformer(
+            image_size=64, patch_size=1, width=32, depth=1, mlp_dim=64, num_heads=2, num_classes=3,
+            backbone=ResNetFeatures((1, 1), preact=False),
+        )  # fmt: skip
+        images = torch.randn(2, 3, 64, 64)
+    else:
+        model, images = mu_model(), torch.randn(2, 3, 32, 32)
+    nn.init.normal_(model.patch_embed.bias)
+    features = model.backbone(images) if hybrid else images
+    expected = model.patch_embed(features).flatten(2).transpose(1, 2)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), model.patch_embed.weight)
+    got = model.embed_patches(images)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), model.patch_embed.weight)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-4)  # fp32 summation order
