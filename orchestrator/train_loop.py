@@ -242,7 +242,9 @@ class _Worker:
         self.log(f"epoch {self.loader.epoch} begins at step {self.step}")
 
     def _agree(self, has_batch: bool, finite: bool) -> tuple[bool, bool]:
-        flags = torch.tensor([float(has_batch), float(finite)])
+        # On the engine's device: Ray Train's process group on GPUs is NCCL's alone, which
+        # takes no CPU tensors ("No backend type associated with device type cpu").
+        flags = torch.tensor([float(has_batch), float(finite)], device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
         return bool(flags[0]), bool(flags[1])
