@@ -60,6 +60,16 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger}
 
 
+def model_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A loader batch's images on `device` in `dtype`: a uint8 batch is copied as uint8 and
+    normalised there (data_pipelines.augment.normalise_on_device: the float loader's values)."""
+    if images.dtype == torch.uint8:
+        from data_pipelines.augment import normalise_on_device
+
+        return normalise_on_device(images.to(device, non_blocking=True), dtype)
+    return images.to(device, dtype=dtype, non_blocking=True)
+
+
 def gradient_norm_finite(engine) -> bool:
     """Whether the global gradient norm of the engine's last update was finite (True before
     the first update, or when DeepSpeed computes none)."""
@@ -102,10 +112,13 @@ class _Worker:
         self.engine = build_engine(run, use_gpu=self.use_gpu)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.use_gpu else torch.float32
+        # GPU workers load uint8 pixels and normalise them on the GPU: a quarter of the bytes
+        # to copy (ViT-B/16, 256 images: 38 MB instead of 154 per step) and no float pass on
+        # the CPU. CPU workers normalise into the loader's reused float buffers.
         self.loader = ShardLoader(
             run.data, batch_size=run.micro_batch_size, augmentation="pretrain", image_size=run.image_size,
             seed=run.seed, rank=rank, world_size=world_size, num_workers=run.data_workers,
-            labels=run.objective == "supervised",
+            labels=run.objective == "supervised", dtype="uint8" if self.use_gpu else "float32",
         )
         self.checkpoints = CheckpointManager(
             checkpoint_url(run), staging_dir=os.path.join(config["staging_dir"], run.run_name), rank=rank,
@@ -214,15 +227,15 @@ class _Worker:
         return losses
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        images = batch["image"].to(self.device, dtype=self.dtype, non_blocking=True)
         if self.run_config.objective == "masked-patch":
             from model import masked_patch_loss, patch_color_targets, random_patch_mask
 
             model = self.engine.module
-            mask = random_patch_mask(images.shape[0], model.num_patches, device=images.device)
-            targets = patch_color_targets(batch["image"], model.patch_size).to(images.device)
-            return masked_patch_loss(self.engine.module.forward_masked(images, mask).float(), targets, mask)
-        logits = self.engine(images).float()
+            pixels = model_input(batch["image"], self.device, torch.float32)  # targets from fp32 pixels
+            mask = random_patch_mask(pixels.shape[0], model.num_patches, device=pixels.device)
+            targets = patch_color_targets(pixels, model.patch_size)
+            return masked_patch_loss(model.forward_masked(pixels.to(self.dtype), mask).float(), targets, mask)
+        logits = self.engine(model_input(batch["image"], self.device, self.dtype)).float()
         labels = batch["label"].to(self.device, non_blocking=True)
         return classification_loss(logits, labels, multi_label=self.run_config.multi_label)
 

@@ -7,6 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from data_pipelines.augment import normalise
+from model import patch_color_targets
+from orchestrator.train_loop import model_input
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_worker.py")
 
@@ -35,3 +40,17 @@ def test_torch_compile_compiles_the_model_in_place():
     assert result["is_compiled"] == {"False": False, "True": True}
     # Compiled in place, not wrapped: checkpoints of compiled and eager runs share their keys.
     assert result["same_keys"] and result["keys"] > 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uint8_batches_reach_the_model_as_the_float_batches_do(dtype):
+    # What a GPU worker's loader (dtype="uint8": channels-last [B,3,S,S] uint8) hands _loss, and
+    # what a CPU worker's (float32 in [-1, 1]) hands it, give the model the same input.
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    as_uint8 = pixels.permute(0, 3, 1, 2)
+    as_float = normalise(pixels)
+    got = model_input(as_uint8, torch.device("cpu"), dtype)
+    assert got.dtype == dtype and torch.equal(got, model_input(as_float, torch.device("cpu"), dtype))
+    # Masked-patch targets come from fp32 pixels either way.
+    assert torch.equal(patch_color_targets(model_input(as_uint8, torch.device("cpu"), torch.float32), 4),
+                       patch_color_targets(as_float, 4))
