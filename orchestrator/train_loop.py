@@ -94,11 +94,18 @@ def train_loop(config: dict[str, Any]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     context = ray.train.get_context()
-    _Worker(config, context.get_world_rank(), context.get_world_size(), context.get_local_rank()).run()
+    _Worker(config, context.get_world_rank(), context.get_world_size(), context.get_local_rank(), under_ray=True).run()
 
 
 class _Worker:
-    def __init__(self, config: dict[str, Any], rank: int, world_size: int, local_rank: int = 0):
+    """One rank's training. Under Ray Train (`train_loop`) it also tells the driver's run
+    monitor that it started and reports to Ray at checkpoints; outside Ray (`under_ray=False`,
+    e.g. benchmarks/worker_step.py) the caller initialises torch.distributed, and Ray is not
+    imported."""
+
+    def __init__(self, config: dict[str, Any], rank: int, world_size: int, local_rank: int = 0, *,
+                 under_ray: bool = False):
+        self.under_ray = under_ray
         from data_pipelines.stream import ShardLoader
         from orchestrator.engine import build_engine
 
@@ -348,7 +355,7 @@ class _Worker:
 
     def _announce_start(self) -> None:
         """Rank 0 tells the driver's run monitor that the worker group (re)started."""
-        if self.rank != 0:
+        if self.rank != 0 or not self.under_ray:
             return
         import ray
 
@@ -407,6 +414,8 @@ class _Worker:
         """The last progress row to Ray Train (the driver's `result.metrics`), at checkpoints
         and at the end only: `ray.train.report` is a barrier across all ranks, which every few
         steps would cost a large run real time."""
+        if not self.under_ray:
+            return
         import ray.train
 
         ray.train.report(getattr(self, "_last_row", None) or {"step": self.step})

@@ -3,6 +3,7 @@ check, and torch_compile."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,3 +55,14 @@ def test_uint8_batches_reach_the_model_as_the_float_batches_do(dtype):
     # Masked-patch targets come from fp32 pixels either way.
     assert torch.equal(patch_color_targets(model_input(as_uint8, torch.device("cpu"), torch.float32), 4),
                        patch_color_targets(as_float, 4))
+
+
+def test_a_worker_outside_ray_trains_checkpoints_and_resumes(tmp_path):
+    # benchmarks/worker_step.py's CPU check: _Worker(under_ray=False) in processes of its own,
+    # local-folder shards and checkpoints, a second worker resuming from the first's commit.
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "benchmarks", "worker_step.py")
+    proc = subprocess.run([sys.executable, script, "--cpu", "--steps", "6", "--image-size", "32", "--data-workers", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from step 6" in proc.stdout
+    assert re.search(r"^bench worker_step_vs_in_memory_step_cpu_check [\d.]+$", proc.stdout, re.M), proc.stdout
