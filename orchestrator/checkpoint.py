@@ -523,20 +523,20 @@ class CheckpointManager:
                 path = os.path.join(local, name)
                 digest = self._upload_with_retries(path, join_location(step_url, name))
                 report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
-        except DataSourceError as error:
-            report = RankReport(rank=self.rank, ok=False, error=str(error))
+        except Exception as error:  # whatever it is: reported to the other ranks, counted, named
+            report = RankReport(rank=self.rank, ok=False, error=_failure(error))
         try:
             write_bytes(join_location(step_url, f"ranks/rank-{self.rank:05d}.json"), report.model_dump_json().encode(), self.factory)
             if not report.ok:
                 raise DataSourceError(report.error)
             if self.rank == 0:
                 self._commit(step, step_url, config)
-        except (DataSourceError, CheckpointError) as error:
+        except Exception as error:
             with self._lock:
                 self.failures_in_a_row += 1
                 self.failures_total += 1
-                self.last_error = str(error)
-            self.log(f"checkpoint step {step} failed on rank {self.rank}: {error}")
+                self.last_error = _failure(error)
+            self.log(f"checkpoint step {step} failed on rank {self.rank}: {self.last_error}")
             return
         finally:
             shutil.rmtree(local, ignore_errors=True)
@@ -814,6 +814,15 @@ class CheckpointManager:
         everyone: list[str | None] = [None] * self.world_size
         torch.distributed.all_gather_object(everyone, problem)
         return [p for p in everyone if p]
+
+
+def _failure(error: BaseException) -> str:
+    """An upload or commit failure in one line: storage and checkpoint errors say what failed
+    already; anything else (a bug, a full disk, a missing module) is named by its type, so it
+    is neither lost in a dying thread nor mistaken for a storage error."""
+    if isinstance(error, (DataSourceError, CheckpointError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _name_outside(local: str, entries: list[FileEntry]) -> str | None:

@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--keep-every", type=int, default=0)
     p.add_argument("--failure-budget", type=int, default=3)
     p.add_argument("--hang-after-upload", type=int, default=-1)
+    p.add_argument("--break-upload", default="", help="STEP:RANK: that rank's upload of that step raises a RuntimeError")
     p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
     p.add_argument("--memory-room", type=int, default=None, help="pretend this many bytes of memory are left")
     args = p.parse_args()
@@ -84,6 +85,17 @@ def main() -> None:
             return uploaded
 
         checkpoint.upload_images = upload_then_hang
+
+    if args.break_upload:
+        broken_step, broken_rank = map(int, args.break_upload.split(":"))
+        working_upload = checkpoint.upload_images
+
+        def upload_or_break(uploads, factory=None):
+            if rank == broken_rank and any(f"/{checkpoint.step_name(broken_step)}/" in url for _, url in uploads):
+                raise RuntimeError("injected: not a storage error")
+            return working_upload(uploads, factory)
+
+        checkpoint.upload_images = upload_or_break
 
     manager = checkpoint.CheckpointManager(
         args.url, staging_dir=args.staging, rank=rank, world_size=world, keep_last=args.keep_last,

@@ -314,3 +314,15 @@ def test_snapshots_are_uploaded_from_their_own_tensors_not_a_copy(tmp_path, monk
     assert torch.equal(torch.load(tmp_path / "store" / "step" / "model.pt", weights_only=True)["module"]["w"],
                        states["model.pt"]["module"]["w"])
     assert set(files.spare) == {"model.pt", "optim.pt"}  # the buffers are given back for the next save
+
+
+def test_an_unexpected_upload_error_is_reported_to_every_rank_and_counted(s3_server, run_url, tmp_path):
+    # Not a storage error (a bug, a missing module...): the background upload must not die
+    # silently, leaving rank 0 to wait out its commit timeout and the failure uncounted. Rank
+    # 0 names rank 1's error: it read rank 1's report rather than timing out.
+    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
+                        "--steps", 3, "--save-at", "1,2,3", "--break-upload", "2:1", "--fresh")
+    both = "\n".join(outputs)
+    assert "checkpoint step 2 failed on rank 1: RuntimeError: injected: not a storage error" in both
+    assert "checkpoint step 2 failed on rank 0: rank 1 could not upload step 2: RuntimeError: injected" in both
+    assert "rank 0: failures_total=1 last_committed=3" in both and "rank 1: failures_total=1" in both
