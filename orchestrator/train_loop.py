@@ -101,7 +101,7 @@ class _Worker:
     """One rank's training. Under Ray Train (`train_loop`) it also tells the driver's run
     monitor that it started and reports to Ray at checkpoints; outside Ray (`under_ray=False`,
     e.g. benchmarks/worker_step.py) the caller initialises torch.distributed, and Ray is not
-    imported."""
+    needed unless `metrics_address` is "node" (the Ray node's IP)."""
 
     def __init__(self, config: dict[str, Any], rank: int, world_size: int, local_rank: int = 0, *,
                  under_ray: bool = False):
