@@ -139,3 +139,6 @@ def test_patch_embedding_is_the_strided_conv(hybrid):
     (got_grad,) = torch.autograd.grad(got.square().sum(), model.patch_embed.weight)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-4)  # fp32 summation order
+    # Channels-last images (what a GPU worker's uint8 loader gives) embed the same.
+    channels_last = model.embed_patches(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(channels_last, expected)
