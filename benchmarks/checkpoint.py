@@ -31,7 +31,6 @@ ratio is the sum of the bare times over the sum of ours. Prints:
 import argparse
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -47,17 +46,12 @@ from model import build_model  # noqa: E402
 from orchestrator.checkpoint import CheckpointManager  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def engine_for(model_name: str):
     import deepspeed
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend="gloo")
+    from orchestrator.engine import init_one_rank
+
+    init_one_rank(use_gpu=False)
     model = build_model(model_name, 1000, image_size=32 if model_name.endswith("/4") else 64)
     config = {
         "train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,

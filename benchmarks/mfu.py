@@ -20,7 +20,6 @@ against a measured matmul rate) to check the script.
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -81,19 +80,13 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        import deepspeed
-
         import orchestrator.engine
-        from orchestrator.engine import build_engine
+        from orchestrator.engine import build_engine, init_one_rank
 
         if args.ds:
             recipe_config = orchestrator.engine.deepspeed_config
             orchestrator.engine.deepspeed_config = lambda c, use_gpu: merged(recipe_config(c, use_gpu=use_gpu), args.ds)
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        init_one_rank(use_gpu=use_gpu)
         engine = build_engine(config, use_gpu=use_gpu)
         device = engine.device
 

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 BARE = r"""
-import json, os, socket, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from orchestrator.config import resolve_pretrain_config
@@ -49,11 +49,8 @@ if args["kind"] == "torch":
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
 else:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
+    from orchestrator.engine import init_one_rank
+    init_one_rank(use_gpu=False)
     engine = build_engine(config, use_gpu=False)
     def step():
         loss = classification_loss(engine(x), y, multi_label=True)

@@ -17,10 +17,8 @@ runs the same on the CPU with a small model, to check the script.
 """
 
 import argparse
-import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,23 +45,12 @@ def run_config(args, data: str, checkpoints: str, max_steps: int):
     return resolve_pretrain_config(args.model, "JFT-300M", overrides, dry_run=True)
 
 
-def init_distributed(use_gpu: bool) -> None:
-    import torch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if use_gpu:
-        torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl" if use_gpu else "gloo")
-
-
 def worker(args) -> None:
     """One worker process: train to `max_steps`, resuming from the newest checkpoint."""
+    from orchestrator.engine import init_one_rank
     from orchestrator.train_loop import _Worker, worker_config
 
-    init_distributed(not args.cpu)
+    init_one_rank(use_gpu=not args.cpu)
     config = run_config(args, args.data, args.checkpoints, args.max_steps)
     _Worker(worker_config(config, staging_dir=args.staging), rank=0, world_size=1).run()
 
@@ -72,11 +59,11 @@ def in_memory(args) -> None:
     """The same engine and batch on in-memory tensors; prints the median step seconds."""
     import torch
 
-    from orchestrator.engine import build_engine
+    from orchestrator.engine import build_engine, init_one_rank
     from orchestrator.objectives import classification_loss
 
     use_gpu = not args.cpu
-    init_distributed(use_gpu)
+    init_one_rank(use_gpu=use_gpu)
     config = run_config(args, "unused", "unused", args.steps)
     engine = build_engine(config, use_gpu=use_gpu)
     dtype = torch.bfloat16 if use_gpu else torch.float32
@@ -132,7 +119,7 @@ def main() -> None:
     args.data_workers = args.data_workers if args.data_workers is not None else max(1, min(12, (os.cpu_count() or 2) - 2))
     args.samples = int(args.samples) if args.samples else args.batch * (2 * args.steps + 4)
     args.max_steps = int(args.max_steps) if args.max_steps else args.steps
-    if not args.port:
+    if args.role and not args.port:  # each worker process picks its own
         from orchestrator.local_prometheus import free_ports
 
         args.port = free_ports(2)

@@ -9,6 +9,7 @@ recomputes it from the step counter alone.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from orchestrator.config import PretrainConfig
@@ -42,6 +43,24 @@ def deepspeed_config(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
         "steps_per_print": 10**12,  # our own metrics and logs report progress
         "wall_clock_breakdown": False,
     }
+
+
+def init_one_rank(*, use_gpu: bool) -> None:
+    """torch.distributed of this process alone, on a free loopback port (NCCL on GPU 0, gloo
+    otherwise): what `build_engine` needs outside Ray Train (benchmarks, tests, a worker run
+    by hand)."""
+    import socket
+
+    import deepspeed
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if use_gpu:
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
 def build_engine(config: PretrainConfig, *, use_gpu: bool):

@@ -4,7 +4,6 @@ one update with NaN gradients and a finite loss, then what the worker's check se
 
 import json
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -12,21 +11,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 
-def init_distributed() -> None:
-    import deepspeed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo")
-
-
 def compiled() -> None:
     from orchestrator.config import resolve_pretrain_config
-    from orchestrator.engine import build_engine
+    from orchestrator.engine import build_engine, init_one_rank
 
-    init_distributed()
+    init_one_rank(use_gpu=False)
     engines = {}
     for compile_model in (False, True):
         run = resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1, "torch_compile": compile_model},
@@ -41,10 +30,10 @@ def main(as_gpu: bool) -> None:
     import deepspeed
 
     from orchestrator.config import resolve_pretrain_config
-    from orchestrator.engine import deepspeed_config
+    from orchestrator.engine import deepspeed_config, init_one_rank
     from orchestrator.train_loop import gradient_norm_finite
 
-    init_distributed()
+    init_one_rank(use_gpu=False)
     run = resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1, "global_batch_size": 4, "micro_batch_size": 4},
                                   dry_run=True)
     # The GPU config as the recipe makes it (bf16 and its overflow setting), less the CUDA-only

@@ -62,7 +62,8 @@ def test_a_worker_outside_ray_trains_checkpoints_and_resumes(tmp_path):
     # local-folder shards and checkpoints, a second worker resuming from the first's commit.
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "benchmarks", "worker_step.py")
-    proc = subprocess.run([sys.executable, script, "--cpu", "--steps", "6", "--image-size", "32", "--data-workers", "1"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, "--cpu", "--steps", "6", "--image-size", "32", "--data-workers", "1"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed from step 6" in proc.stdout
     assert re.search(r"^bench worker_step_vs_in_memory_step_cpu_check [\d.]+$", proc.stdout, re.M), proc.stdout
