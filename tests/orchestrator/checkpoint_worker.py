@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--hang-after-upload", type=int, default=-1)
     p.add_argument("--break-upload", default="", help="STEP:RANK: that rank's upload of that step raises a RuntimeError")
     p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
+    p.add_argument("--restore-again", action="store_true", help="after the restore and its dump, restore once more")
     p.add_argument("--memory-room", type=int, default=None, help="pretend this many bytes of memory are left")
     args = p.parse_args()
     if args.memory_room is not None:
@@ -106,15 +107,29 @@ def main() -> None:
     restored = None if args.fresh else manager.restore(engine)
     if restored is not None:
         start = restored.step
+        manager.wait()
         gc.collect()
         assert not checkpoint.still_mapped(args.staging), checkpoint.still_mapped(args.staging)
         # Of the downloaded memory, only what DeepSpeed kept as tensors stays (a page or two
-        # more for each kept tensor's ends).
+        # more for each kept tensor's ends), once the restore's release is over.
         kept, resident = manager.restore_kept_bytes, manager.restore_resident_bytes
         assert resident <= kept + 64 * 4096, (resident, kept)
         print(f"rank {rank}: restore kept {kept} bytes of tensors in {resident} bytes of memory", flush=True)
         dump = state_of(engine) | {"loader_state": restored.loader_state, "rng_draw": torch.rand(3)}
         torch.save(dump, os.path.join(args.dumps, f"restored-rank-{rank}.pt"))
+        if args.restore_again:
+            # Into an engine with Adam moments now (a rollback's restore): the state the load
+            # replaces is held past the load, and freed by the restore's release.
+            from torch.multiprocessing.reductions import StorageWeakRef
+
+            replaced = [StorageWeakRef(t.untyped_storage()) for t in checkpoint._optimizer_state_tensors(engine)]
+            assert replaced and manager.restore(engine).step == restored.step
+            manager.wait()
+            assert all(ref.expired() for ref in replaced), f"{sum(not r.expired() for r in replaced)} of {len(replaced)} live"
+            again = state_of(engine)
+            for name in ("weights", "optimizer"):
+                for key, value in dump[name].items():
+                    assert torch.equal(value, again[name][key]), (name, key)
     save_at = {int(s) for s in args.save_at.split(",") if s}
     for step in range(start + 1, args.steps + 1):
         generator = torch.Generator().manual_seed(1000 * step + rank)
