@@ -918,25 +918,34 @@ def export_weights(engine, url: str, *, metadata: dict[str, str] | None = None, 
                    factory: S3ClientFactory | None = None) -> str | None:
     """Write the model's weights alone as safetensors to `url` (a collective; rank 0 writes).
 
-    Under ZeRO-3 the parameters are gathered first. Returns the sha256 on rank 0, else None.
+    Each parameter as the optimizer keeps it: the fp32 master weights that DeepSpeed holds,
+    partitioned, for bf16 training (gathered with its `safe_get_full_fp32_param`), not the
+    bf16 working copy the forward pass used; fine-tuning starts from what pretraining
+    reached, not from its rounding. Buffers, and parameters without a master, as the module
+    has them. Under ZeRO-3 the parameters are gathered first. Returns the sha256 on rank 0,
+    else None.
     """
+    from deepspeed.utils import safe_get_full_fp32_param
     from safetensors.torch import save_file
 
     module = engine.module
-    params = list(module.parameters())
+    parameters = dict(module.named_parameters(remove_duplicate=False))
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     else:
         gather = contextlib.nullcontext()
+    state: dict[str, torch.Tensor] = {}
     with gather:
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()} \
-            if engine.global_rank == 0 else None
+        for name, value in module.state_dict().items():
+            # A collective per parameter, in the module's order on every rank.
+            master = safe_get_full_fp32_param(parameters[name]) if name in parameters else None
+            if engine.global_rank == 0:
+                state[name] = (value if master is None else master).detach().to("cpu", copy=True).contiguous()
     if engine.global_rank != 0:
         return None
     os.makedirs(staging_dir, exist_ok=True)
     path = os.path.join(staging_dir, "model.safetensors")
     save_file(state, path, metadata=metadata or {})
     return upload_file(path, url, factory)
-

@@ -1,6 +1,7 @@
 """One process of tests/orchestrator/test_engine.py: an engine built from `deepspeed_config`,
 one update with NaN gradients and a finite loss, then what the worker's check sees; or
-(`compiled`) what `build_engine` makes of `torch_compile`."""
+(`compiled`) what `build_engine` makes of `torch_compile`; or (`export STAGE FOLDER`) the
+weights `export_weights` writes after bf16 updates."""
 
 import json
 import os
@@ -60,5 +61,53 @@ def main(as_gpu: bool) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def export(zero_stage: int, folder: str) -> None:
+    """bf16 (the GPU config on DeepSpeed's CPU accelerator): a few updates, then export_weights."""
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from orchestrator.checkpoint import export_weights
+    from orchestrator.config import resolve_pretrain_config
+    from orchestrator.engine import deepspeed_config, init_one_rank
+
+    init_one_rank(use_gpu=False)
+    run = resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1, "global_batch_size": 4, "micro_batch_size": 4,
+                                                           "zero_stage": zero_stage}, dry_run=True)
+    config = deepspeed_config(run, use_gpu=True)
+    config["optimizer"]["params"].update(torch_adam=True, lr=1e-3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 2))
+    model.register_buffer("scale", torch.tensor([0.1, 0.7]))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    for _ in range(3):
+        loss = engine(x).float().square().mean()
+        engine.backward(loss)
+        engine.step()
+    digest = export_weights(engine, os.path.join(folder, "model.safetensors"), staging_dir=os.path.join(folder, "staging"))
+    masters = {name: deepspeed.utils.safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            working = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    else:
+        working = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    exported = load_file(os.path.join(folder, "model.safetensors"))
+    print("RESULT " + json.dumps({
+        "digest": digest is not None,
+        "keys": sorted(exported) == sorted(working),
+        "dtypes": sorted({str(t.dtype) for k, t in exported.items() if k in masters}),
+        "working_dtypes": sorted({str(t.dtype) for k, t in working.items() if k in masters}),
+        "masters": all(torch.equal(exported[k], m.cpu()) for k, m in masters.items()),
+        "off_bf16": sum(not torch.equal(exported[k], working[k].float()) for k in masters),
+        "parameters": len(masters),
+        "buffer": exported["scale"].tolist() == working["scale"].tolist(),
+    }))
+
+
 if __name__ == "__main__":
-    compiled() if sys.argv[1] == "compiled" else main(sys.argv[1] == "gpu-config")
+    if sys.argv[1] == "compiled":
+        compiled()
+    elif sys.argv[1] == "export":
+        export(int(sys.argv[2]), sys.argv[3])
+    else:
+        main(sys.argv[1] == "gpu-config")

@@ -17,9 +17,9 @@ from orchestrator.train_loop import model_input
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_worker.py")
 
 
-def run_worker(config: str) -> dict:
+def run_worker(config: str, *args: str) -> dict:
     # A process of its own: DeepSpeed's process group would outlive the test in pytest's.
-    proc = subprocess.run([sys.executable, WORKER, config], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, WORKER, config, *args], capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -41,6 +41,16 @@ def test_torch_compile_compiles_the_model_in_place():
     assert result["is_compiled"] == {"False": False, "True": True}
     # Compiled in place, not wrapped: checkpoints of compiled and eager runs share their keys.
     assert result["same_keys"] and result["keys"] > 10
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_exported_weights_are_the_fp32_masters_of_a_bf16_run(zero_stage, tmp_path):
+    result = run_worker("export", str(zero_stage), str(tmp_path))
+    assert result["digest"] and result["keys"] and result["buffer"]
+    assert result["working_dtypes"] == ["torch.bfloat16"] and result["dtypes"] == ["torch.float32"]
+    # Every parameter is DeepSpeed's fp32 master, and after three updates those are off the
+    # bf16 grid the working copy rounds them to.
+    assert result["masters"] and result["off_bf16"] == result["parameters"] == 6, result
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
