@@ -349,19 +349,22 @@ class ShardLoader:
         num_workers: DataLoader worker processes (0: read in this process); the same on every rank.
         dtype: "float32" (default): images normalised to [-1, 1] here, on the CPU; "uint8": the
             raw pixels, to be normalised on the accelerator (`augment.normalise_on_device`).
+        pin_memory: batches in page-locked memory (the DataLoader's pin thread), so that their
+            copy to a GPU runs asynchronously (`.to(device, non_blocking=True)`); for GPU
+            workers (torch ignores it, with a warning, where there is no accelerator).
     """
 
     def __init__(self, source: str, *, batch_size: int, augmentation: str | Augmentation = "pretrain",
                  image_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, prefetch_factor: int = 2, factory: S3ClientFactory | None = None,
-                 labels: bool = True, dtype: str = "float32"):
+                 labels: bool = True, dtype: str = "float32", pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dtype not in ("float32", "uint8"):
             raise ValueError(f"dtype {dtype!r}: one of float32, uint8")
-        self.dtype = dtype
+        self.dtype, self.pin_memory = dtype, pin_memory
         self._float_buffers: list[np.ndarray] = []
         self.source = source
         self.factory = factory or S3ClientFactory()
@@ -409,7 +412,7 @@ class ShardLoader:
                             self.augmentation, self.seed, self.epoch, self.factory, self.labels)
         loader = torch.utils.data.DataLoader(
             body, batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None, pin_memory=self.pin_memory,
         )
         batches = iter(loader)
         try:
