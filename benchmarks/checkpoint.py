@@ -181,6 +181,8 @@ def main() -> None:
                   f"{listing(releases)} s); a background save blocked training {stall:.2f} s while "
                   f"{steps} steps ran (the synchronous saves' snapshot copies: {listing(stalls)} s; the untimed first "
                   f"save's, into fresh buffers: {first_stall:.2f} s)")
+            print(f"# for reference, the restores with their background release counted: "
+                  f"{sum(downloads) / (sum(restores) + sum(releases)):.3f} of the bare download's speed")
             print(f"bench checkpoint_save_vs_raw_upload {sum(uploads) / sum(saves):.3f}")
             print(f"bench checkpoint_restore_vs_raw_download {sum(downloads) / sum(restores):.3f}")
             print(f"bench checkpoint_async_stall_fraction {stall / (sum(saves) / len(saves)):.3f}")
