@@ -690,7 +690,9 @@ class CheckpointManager:
         Every rank calls it (it is collective when torch.distributed is initialised). A
         checkpoint whose files are missing or fail their sha256 is skipped with a warning and
         the previous one is tried. A step written by another number of workers is converted
-        to DeepSpeed's universal checkpoint first (orchestrator/universal.py).
+        to DeepSpeed's universal checkpoint first (orchestrator/universal.py). It returns once
+        the engine is loaded; the memory the restore no longer needs is given back in a
+        background thread meanwhile (`_start_release`; `wait` joins it).
         """
         self.wait()
         candidates = self._agree(sorted(self.committed_steps(), reverse=True))
