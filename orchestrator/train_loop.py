@@ -253,6 +253,15 @@ class _Worker:
     def _next_batch(self) -> dict | None:
         began = time.perf_counter()
         if self._batches is None:
+            if self.loader.num_workers:
+                # The DataLoader forks its workers on the first batch. Python 3.11's fork can
+                # leave a child hung for good when another thread of this process starts or
+                # ends at that instant (the interpreter's list of threads is copied with its
+                # lock held): seen at an epoch boundary that met the end of a checkpoint
+                # upload, whose s3transfer threads were exiting. The checkpoint manager's
+                # threads (an upload, a restore's release) finish first; once an epoch, or
+                # after a restore.
+                self.checkpoints.wait()
             self._batches = iter(self.loader)
         batch = next(self._batches, None)
         self.data_wait += time.perf_counter() - began

@@ -144,3 +144,29 @@ def test_masked_patch_prediction_trains_on_unlabeled_shards(cluster, capfd):
     losses = [float(x) for x in re.findall(r"step \d+ nonfinite_total .*? loss ([\d.]+)", out)]
     assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
     assert "finished at step 16" in out
+
+
+@pytest.mark.parametrize("data_workers", [0, 1])
+def test_loader_workers_fork_only_once_the_checkpoint_threads_are_done(data_workers):
+    # Python 3.11's fork can hang the child when another thread starts or ends meanwhile: a
+    # worker waits for its checkpoint upload (or a restore's release) before the DataLoader
+    # forks its processes; with no processes to fork it does not wait.
+    from orchestrator.train_loop import _Worker
+
+    events = []
+
+    class Checkpoints:
+        def wait(self):
+            events.append("wait")
+
+    class Loader:
+        num_workers = data_workers
+
+        def __iter__(self):
+            events.append("fork" if self.num_workers else "read")
+            yield {"key": ["a"]}
+
+    worker = object.__new__(_Worker)
+    worker.loader, worker.checkpoints, worker._batches, worker.data_wait = Loader(), Checkpoints(), None, 0.0
+    assert worker._next_batch() == {"key": ["a"]} and worker._next_batch() is None
+    assert events == (["wait", "fork"] if data_workers else ["read"])
