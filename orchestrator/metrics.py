@@ -163,13 +163,32 @@ class _Exporter:
             self._serve()
 
     def _serve(self) -> None:
-        from prometheus_client import start_http_server
+        """prometheus_client's WSGI app, served by one long-lived thread that answers scrapes in
+        turn. Its own `start_http_server` starts a thread per scrape, and a thread starting or
+        ending while the DataLoader forks its workers can hang the child in Python 3.11's fork
+        (see train_loop._next_batch)."""
+        import socket
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        from prometheus_client import make_wsgi_app
+
+        class Quiet(WSGIRequestHandler):
+            timeout = 10  # a client that stalls cannot hold the other scrapes up for long
+
+            def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
+                pass
+
+        class Server(WSGIServer):
+            address_family = socket.AF_INET6 if ":" in (self.address or "") else socket.AF_INET
 
         try:
-            self._server, _ = start_http_server(self.port, addr=self.address, registry=self.registry)
+            server = make_server(self.address, self.port, make_wsgi_app(self.registry), Server, handler_class=Quiet)
         except OSError as error:
             raise MetricsError(f"cannot serve metrics on {self.address}:{self.port}: {error.strerror or error}; "
                                f"set metrics_port to a free port or metrics_address=off") from None
+        threading.Thread(target=server.serve_forever, name="metrics-exporter", daemon=True).start()
+        self._server = server
 
     @property
     def url(self) -> str | None:

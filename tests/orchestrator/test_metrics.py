@@ -136,3 +136,18 @@ def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path
         pictures = plot_dashboard(prometheus, run=config.run_name, start=began, end=ended, out_dir=str(tmp_path / "plots"))
         assert len(pictures) == len(panels)
         assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pictures)
+
+
+def test_the_exporter_answers_scrapes_without_starting_threads(monkeypatch):
+    # One long-lived thread serves every scrape: a thread starting or ending while the
+    # DataLoader forks can hang the child (Python 3.11), and scrapes come all run long.
+    metrics = WorkerMetrics("run", 0, "host", address="127.0.0.1", port=0)
+    started = []
+    original = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self.name), original(self))[1])
+    try:
+        for _ in range(3):
+            assert any(name.startswith("vitscale_images_total") for name in scrape(metrics.url))
+    finally:
+        metrics.close()
+    assert started == []
