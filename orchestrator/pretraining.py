@@ -29,6 +29,10 @@ class TrainingError(RuntimeError):
     """Training started but did not finish (exit status 1)."""
 
 
+# The GCS address of the local Ray that `connect_ray` started in this process, if it did.
+_started_here: str | None = None
+
+
 def check_locations(config: PretrainConfig) -> PretrainConfig:
     """Data readable and consistent with the config, checkpoints writable; returns the config
     with the class count taken from the data's manifest unless it was set explicitly."""
@@ -63,10 +67,12 @@ def check_locations(config: PretrainConfig) -> PretrainConfig:
 
 def connect_ray(config: PretrainConfig):
     """Join the cluster this runs in (a Ray job, or RAY_ADDRESS), else start a local Ray."""
+    global _started_here
     import ray
 
     if ray.is_initialized():
         return ray
+    _started_here = None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", logging_level="WARNING", log_to_driver=True)
     else:
@@ -77,10 +83,9 @@ def connect_ray(config: PretrainConfig):
         if config.dry_run:
             cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1)
         # No dashboard: with it the orchestrated step was 5% slower on a 2-core machine
-        # (train_step_vs_bare_deepspeed 0.95 -> 0.90). The price: Ray Train's
-        # PlacementGroupCleaner, which asks the dashboard's state API, cannot clean up after a
-        # controller that died (this Ray goes with the process); `quiet_local_workers` keeps
-        # its warnings about that out of the output.
+        # (train_step_vs_bare_deepspeed 0.95 -> 0.90). Ray Train's PlacementGroupCleaner,
+        # which would ask the dashboard's state API, is not started on this Ray (it goes with
+        # this process; orchestrator/trainer.py), nor are the other helpers a run has no use for.
         # Ray Train's PreemptionWatcher is off: a one-machine Ray goes with its machine, so a
         # preemption notice is nothing to act on, and each idle Ray process costs ~1% of a core
         # here (its main thread wakes 100 times a second). For the same reason no worker is
@@ -90,13 +95,21 @@ def connect_ray(config: PretrainConfig):
                  _system_config={"prestart_worker_first_driver": False},
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
                               "worker_process_setup_hook": "orchestrator.pretraining.quiet_local_workers"})
+        _started_here = ray.get_runtime_context().gcs_address
     return ray
 
 
+def ray_started_here(ray) -> bool:
+    """Whether the Ray this process is connected to is the local one `connect_ray` started
+    (and which goes with this process), not a cluster it joined."""
+    return ray.is_initialized() and _started_here is not None and ray.get_runtime_context().gcs_address == _started_here
+
+
 def quiet_local_workers() -> None:
-    """Run in every worker process of the local Ray: Ray Train's PlacementGroupCleaner, which
-    can never reach the state API of a Ray without a dashboard, stops warning every second,
-    and Ray Train stops echoing each `ray.train.report` (rank 0's progress line says it)."""
+    """Run in every worker process of the local Ray: Ray Train stops echoing each
+    `ray.train.report` (rank 0's progress line says it), and, where a Ray release brings back
+    the PlacementGroupCleaner that orchestrator/trainer.py leaves out here, that cleaner (which
+    can never reach the state API of a Ray without a dashboard) does not warn every second."""
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
@@ -118,13 +131,11 @@ def check_resources(config: PretrainConfig, ray) -> None:
         )
 
 
-def start_driver_metrics(config: PretrainConfig, ray, log: Callable[[str], None]):
-    """The driver's exporter, and the run monitor actor the workers report their starts to."""
-    from orchestrator.metrics import DriverMetrics, MetricsError, RunMonitor, bind_address, metrics_port, monitor_name
+def start_driver_metrics(config: PretrainConfig, starts, log: Callable[[str], None]):
+    """The driver's exporter; its restart counter reads `starts` (WorkerGroupStarts)."""
+    from orchestrator.metrics import DriverMetrics, MetricsError, bind_address, metrics_port
 
-    monitor = ray.remote(num_cpus=0)(RunMonitor).options(name=monitor_name(config.run_name), get_if_exists=True).remote()
-    starts = lambda: ray.get(monitor.count.remote(), timeout=5)  # noqa: E731
-    kwargs = dict(model=config.model, dataset=config.dataset, workers=config.workers, starts=starts,
+    kwargs = dict(model=config.model, dataset=config.dataset, workers=config.workers, starts=starts.count,
                   port=metrics_port(config.metrics_port, None))
     try:
         metrics = DriverMetrics(config.run_name, address=bind_address(config.metrics_address), **kwargs)
@@ -133,7 +144,6 @@ def start_driver_metrics(config: PretrainConfig, ray, log: Callable[[str], None]
         metrics = DriverMetrics(config.run_name, address=None, **kwargs)
     if metrics.url:
         log(f"driver metrics at {metrics.url}")
-    metrics.monitor = monitor  # killed with the exporter at the end of the run
     return metrics
 
 
@@ -146,25 +156,28 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     `metrics_port`; each worker serves its own (orchestrator/metrics.py).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
+    from orchestrator.metrics import WorkerGroupStarts
     from orchestrator.train_loop import checkpoint_url, train_loop, worker_config
+    from orchestrator.trainer import build_trainer
 
     config = check_locations(config)
     ray = connect_ray(config)
     check_resources(config, ray)
     log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
-    driver_metrics = start_driver_metrics(config, ray, log)
+    starts = WorkerGroupStarts.for_run(config.run_name)
+    driver_metrics = start_driver_metrics(config, starts, log)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
     staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
-    trainer = TorchTrainer(
+    trainer = build_trainer(
         train_loop,
         train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
-                                        nan_grad_at=nan_grad_at, metrics_linger=metrics_linger),
+                                        nan_grad_at=nan_grad_at, metrics_linger=metrics_linger, starts_prefix=starts.prefix),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
                              storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
+        local=ray_started_here(ray),
     )
     try:
         result = trainer.fit()
@@ -174,7 +187,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
         if metrics_linger:
             time.sleep(metrics_linger)
         driver_metrics.close()
-        ray.kill(driver_metrics.monitor)
+        starts.clear()
     if result.error is not None:
         raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
     return dict(result.metrics or {})

@@ -1,9 +1,10 @@
 """What every Ray Train worker runs: model, DeepSpeed, data stream, checkpoints, steps.
 
-    TorchTrainer(train_loop, train_loop_config=worker_config(config, staging_dir=...), ...)
+    build_trainer(train_loop, train_loop_config=worker_config(config, staging_dir=...), ...).fit()
 
-`train_loop(config)` reads only its argument (a plain dict: the resolved run config plus a
-few runtime settings), so tests import it and run it under a small local Ray.
+(build_trainer: orchestrator/trainer.py, a Ray Train TorchTrainer.) `train_loop(config)` reads
+only its argument (a plain dict: the resolved run config plus a few runtime settings), so
+tests import it and run it under a small local Ray.
 
 One optimizer step is `gradient_accumulation_steps` micro-batches. Before each backward the
 ranks agree (one all-reduce) that every rank has a batch and that every loss is finite:
@@ -41,7 +42,7 @@ NONFINITE_ROLLBACK = 3
 
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
                   nan_loss_at: dict[int, int] | None = None, nan_grad_at: dict[int, int] | None = None,
-                  metrics_linger: float = 0.0) -> dict[str, Any]:
+                  metrics_linger: float = 0.0, starts_prefix: str | None = None) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -54,10 +55,13 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             gradient.
         metrics_linger: seconds a worker keeps serving its final metrics before it exits, so a
             scraper sees the end of a short run.
+        starts_prefix: where rank 0 records each start of the worker group
+            (metrics.WorkerGroupStarts; the driver's restart counter).
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
             "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()},
-            "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger}
+            "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger,
+            "starts_prefix": starts_prefix}
 
 
 def model_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -98,8 +102,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 class _Worker:
-    """One rank's training. Under Ray Train (`train_loop`) it also tells the driver's run
-    monitor that it started and reports to Ray at checkpoints; outside Ray (`under_ray=False`,
+    """One rank's training. Under Ray Train (`train_loop`) it also records for the driver that
+    the worker group started and reports to Ray at checkpoints; outside Ray (`under_ray=False`,
     e.g. benchmarks/worker_step.py) the caller initialises torch.distributed, and Ray is not
     needed unless `metrics_address` is "node" (the Ray node's IP)."""
 
@@ -112,6 +116,7 @@ class _Worker:
         self.run_config = PretrainConfig.model_validate(config["run"])
         self.rank, self.world_size = rank, world_size
         self.record_dir = config.get("record_dir")
+        self.starts_prefix = config.get("starts_prefix")
         self.nan_loss_at = {int(k): v for k, v in (config.get("nan_loss_at") or {}).items()}
         self.nan_grad_at = {int(k): v for k, v in (config.get("nan_grad_at") or {}).items()}
         run = self.run_config
@@ -365,17 +370,12 @@ class _Worker:
         return metrics
 
     def _announce_start(self) -> None:
-        """Rank 0 tells the driver's run monitor that the worker group (re)started."""
-        if self.rank != 0 or not self.under_ray:
+        """Rank 0 records that the worker group (re)started, for the driver's restart counter."""
+        if self.rank != 0 or not self.under_ray or not self.starts_prefix:  # not run by run_pretraining
             return
-        import ray
+        from orchestrator.metrics import WorkerGroupStarts
 
-        from orchestrator.metrics import monitor_name
-
-        try:
-            ray.get(ray.get_actor(monitor_name(self.run_config.run_name)).worker_group_started.remote(), timeout=30)
-        except ValueError:  # no monitor: train_loop run outside run_pretraining
-            pass
+        WorkerGroupStarts(self.starts_prefix).record()
 
     def _step_metrics(self, *, loss: float | None = None, lr: float | None = None, seconds: float | None = None) -> None:
         from orchestrator.metrics import accelerator_memory

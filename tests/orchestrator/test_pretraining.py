@@ -52,13 +52,31 @@ def idle_ray_workers() -> list[int]:
     return pids
 
 
+def actor_classes() -> collections.Counter:
+    """Class names of every actor the connected Ray has created, alive or dead (the GCS's
+    actor table)."""
+    import ray
+
+    return collections.Counter(a["ActorClassName"] for a in ray._private.state.actors().values())
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_falls_with_two_workers(cluster, stage, capfd):
+    import ray
+
+    from orchestrator.pretraining import ray_started_here
+
     config = config_for(cluster, f"zero-{stage}", zero_stage=stage)
     metrics = run_pretraining(config)
     # A run makes actors only, each in its own process: the local Ray prestarts no worker
     # that would sit idle beside them (each wakes 100 times a second).
     assert not idle_ray_workers()
+    # Nor does it start Ray Train's helpers that a run on a Ray of its own has no use for
+    # (orchestrator/trainer.py), nor an actor of ours; the controller and the workers it does.
+    assert ray_started_here(ray)
+    made = actor_classes()
+    assert made["TrainController"] >= 1 and made["RayTrainWorker"] >= 2 and made["SynchronizationActor"] >= 1, made
+    assert not set(made) - {"TrainController", "RayTrainWorker", "SynchronizationActor"}, made
     out = capfd.readouterr().out
     losses = [float(x) for x in re.findall(r"step \d+ .*?loss ([\d.]+)", out)]
     assert len(losses) >= 4, out[-3000:]
