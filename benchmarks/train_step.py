@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--model", default="ViT-S/16")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2, help="orchestrated runs, each between two bare ones")
+    p.add_argument("--rounds", type=int, default=3, help="orchestrated runs, each between two bare ones")
     p.add_argument("--skip-orchestrated", action="store_true")
     args = p.parse_args()
     cores = os.cpu_count() or 1
