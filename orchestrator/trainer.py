@@ -16,8 +16,9 @@ nothing for a vitscale run:
   cluster autoscaler what the run needs. A local Ray has no autoscaler; a joined cluster keeps
   the requests.
 
-Measured on a 2-core machine, a 2-worker run whose workers only report once: 35 processes and
-14.2-14.8 s from `fit()` to its result, against 22 processes and 10.3-10.6 s without them.
+On a 2-core machine, a 2-worker run whose workers only report once, from `fit()` to its
+result in a fresh local Ray: 16.7-17.4 s and 7 actors with them, 9.4-11.3 s and 4 actors
+without (benchmarks/run_startup.py).
 
 These are Ray Train's internal classes (`ray==2.60`, the version constraints.txt pins). Where
 a Ray release moves them, `build_trainer` falls back to the plain TorchTrainer with every
