@@ -65,7 +65,7 @@ def main() -> None:
         if args.compile:
             model.compile()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.base_lr, betas=(config.adam_beta1, config.adam_beta2),
-                                      weight_decay=config.weight_decay, fused=use_gpu)
+                                      weight_decay=config.weight_decay, fused=True)
 
         def forward():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu):

@@ -13,7 +13,8 @@
    alternate (`--rounds` orchestrated runs, each between two bare ones) and the ratio is the
    median bare step over the median orchestrated step (one disturbed bare run does not move it).
 2. `bench deepspeed_vs_bare_torch_zero<N>`: the bare DeepSpeed loop at ZeRO-0/1/2 against a
-   bare torch loop with the same AdamW, model and batch (one process).
+   bare torch loop with the same AdamW (torch's fused CPU kernel, as orchestrator/engine.py
+   configures DeepSpeed's on CPUs), model and batch (one process).
 """
 
 import argparse
@@ -43,7 +44,7 @@ if args["kind"] == "torch":
     torch.manual_seed(0)
     model = build_model(config.model, config.num_classes, image_size=config.image_size,
                         representation_size=config.representation_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1, fused=True)
     def step():
         loss = classification_loss(model(x), y, multi_label=True)
         opt.zero_grad(set_to_none=True); loss.backward()

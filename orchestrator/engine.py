@@ -31,6 +31,11 @@ def deepspeed_config(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
                 # On CPUs torch's AdamW avoids JIT-building DeepSpeed's CPU Adam; GPUs use
                 # DeepSpeed's fused Adam in AdamW mode.
                 "torch_adam": not use_gpu,
+                # torch's fused CPU kernel: one pass over parameter, moments and gradient where
+                # the default for CPU tensors (neither fused nor foreach) makes ~8 passes and
+                # two temporaries of the parameters' size. ViT-S/16's update, ZeRO-1 (one flat
+                # 22M-element fp32 partition), 2 cores: 86 -> 8 ms.
+                **({} if use_gpu else {"fused": True}),
             },
         },
         # DeepSpeed's bf16 overflow check is a serial pass over every gradient before each

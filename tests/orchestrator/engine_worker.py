@@ -1,7 +1,8 @@
 """One process of tests/orchestrator/test_engine.py: an engine built from `deepspeed_config`,
 one update with NaN gradients and a finite loss, then what the worker's check sees; or
 (`compiled`) what `build_engine` makes of `torch_compile`; or (`export STAGE FOLDER`) the
-weights `export_weights` writes after bf16 updates."""
+weights `export_weights` writes after bf16 updates; or (`adamw`) the CPU config's updates
+under each ZeRO stage next to torch's reference AdamW and clipping."""
 
 import json
 import os
@@ -104,9 +105,64 @@ def export(zero_stage: int, folder: str) -> None:
     }))
 
 
+def adamw() -> None:
+    """A few clipped updates of the CPU config under ZeRO-0..3 against torch's AdamW (its
+    default, unfused implementation) and clip_grad_norm_ with the recipe's settings."""
+    import deepspeed
+
+    from orchestrator.config import resolve_pretrain_config
+    from orchestrator.engine import deepspeed_config, init_one_rank
+
+    init_one_rank(use_gpu=False)
+    x, y = torch.randn(4, 8), torch.randn(4, 2)
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 2))
+
+    def loss_of(model):  # large enough that every update is clipped
+        return (model(x) - 10 * y).square().mean()
+
+    result = {}
+    for stage in (0, 1, 2, 3):
+        run = resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1, "global_batch_size": 4,
+                                                               "micro_batch_size": 4, "zero_stage": stage,
+                                                               "base_lr": 1e-2}, dry_run=True)
+        model = fresh_model()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=deepspeed_config(run, use_gpu=False))
+        reference = fresh_model()
+        optimizer = torch.optim.AdamW(reference.parameters(), lr=run.base_lr, betas=(run.adam_beta1, run.adam_beta2),
+                                      eps=1e-8, weight_decay=run.weight_decay)
+        norms = []
+        for _ in range(3):
+            loss = loss_of(engine)
+            engine.backward(loss)
+            engine.step()
+            optimizer.zero_grad()
+            loss_of(reference).backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), run.grad_clip_norm)))
+            optimizer.step()
+        base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                trained = [p.detach().clone() for p in engine.module.parameters()]
+        else:
+            trained = [p.detach().clone() for p in engine.module.parameters()]
+        result[stage] = {
+            "optimizer": type(base).__name__, "fused": base.defaults.get("fused"), "min_norm": min(norms),
+            "weight_decay": run.weight_decay,
+            "max_difference": max(float((a - b).abs().max()) for a, b in zip(trained, reference.parameters())),
+            "moved": max(float((a - b).abs().max()) for a, b in zip(trained, fresh_model().parameters())),
+        }
+    print("RESULT " + json.dumps(result))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "compiled":
         compiled()
+    elif sys.argv[1] == "adamw":
+        adamw()
     elif sys.argv[1] == "export":
         export(int(sys.argv[2]), sys.argv[3])
     else:

@@ -1,5 +1,5 @@
-"""The engine config with real DeepSpeed: overflow handling and the worker's gradient-norm
-check, and torch_compile."""
+"""The engine config with real DeepSpeed: its AdamW updates, overflow handling and the worker's
+gradient-norm check, and torch_compile."""
 
 import json
 import os
@@ -34,6 +34,16 @@ def test_a_non_finite_gradient_norm_is_seen_after_the_update(config):
     # bf16 (GPUs): DeepSpeed's serial overflow check is off for speed, so it applies the update
     # and the parameters go non-finite: the worker rolls back. fp32 (CPUs): DeepSpeed skips it.
     assert result["parameters_finite"] == (config == "cpu-config")
+
+
+def test_the_cpu_config_updates_as_torch_adamw_with_clipping_under_every_zero_stage():
+    result = run_worker("adamw")
+    assert sorted(result) == ["0", "1", "2", "3"]
+    for stage, r in result.items():
+        # torch's fused CPU kernel (orchestrator/engine.py), not the per-tensor default
+        assert (r["optimizer"], r["fused"]) == ("AdamW", True), (stage, r)
+        assert r["min_norm"] > 1.0 and r["weight_decay"] > 0  # every update clipped, decay on
+        assert r["moved"] > 1e-2 and r["max_difference"] < 1e-6, (stage, r)
 
 
 def test_torch_compile_compiles_the_model_in_place():
