@@ -144,10 +144,8 @@ def adamw() -> None:
             norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), run.grad_clip_norm)))
             optimizer.step()
         base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-        if stage == 3:
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-                trained = [p.detach().clone() for p in engine.module.parameters()]
-        else:
+        # Under ZeRO-3 each rank holds a partition; GatheredParameters is a no-op below it.
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
             trained = [p.detach().clone() for p in engine.module.parameters()]
         result[stage] = {
             "optimizer": type(base).__name__, "fused": base.defaults.get("fused"), "min_norm": min(norms),
