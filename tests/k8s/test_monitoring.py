@@ -13,6 +13,7 @@ copies in tests/k8s/crds/.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ CRDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crds")
 CRD_FILES = {
     "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
     "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",   # k8s/pretrain (tests/k8s/test_pretrain.py)
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 PROMTOOL = "Debian/Ubuntu: apt-get install prometheus; or promtool from a Prometheus 2.x release"
@@ -151,12 +153,13 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+@functools.lru_cache(maxsize=None)
 def crd_validator(kind: str, api_version: str) -> jsonschema.protocols.Validator:
     path = os.path.join(CRDS, CRD_FILES[kind])
     if not os.path.exists(path):
         pytest.fail(f"upstream CRD schema {path} is missing (see ../shared/k8s-crds/README.md)")
     with open(path) as f:
-        crd = yaml.safe_load(f)
+        crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # KubeRay's are 1.4 MB
     group, version = api_version.split("/")
     assert crd["spec"]["group"] == group
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]

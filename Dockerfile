@@ -1,0 +1,19 @@
+# The image k8s/pretrain runs on every Ray pod: Ray's own GPU image (Python 3.11, CUDA with
+# nvcc for DeepSpeed's JIT-built ops, the user and paths KubeRay expects) plus this repository
+# at /home/ray/vitscale and the packages constraints.txt pins, installed in `make venv`'s order.
+#   docker build -t <registry>/vitscale:<tag> .
+# Its Ray is the one constraints.txt pins and the RayJob's rayVersion names (a test checks).
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
+FROM ${RAY_IMAGE}
+
+WORKDIR /home/ray/vitscale
+COPY --chown=ray:users pyproject.toml constraints.txt ./
+# torch first (deepspeed's setup imports it), deepspeed without build isolation, then the rest.
+RUN pip install --no-cache-dir -c constraints.txt torch \
+    && pip install --no-cache-dir -c constraints.txt --no-build-isolation deepspeed \
+    && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY --chown=ray:users . .
+ENV PYTHONPATH=/home/ray/vitscale
