@@ -1,12 +1,16 @@
-"""`ray job submit` against a `ray start --head` cluster with token authentication."""
+"""`ray job submit` against a `ray start` cluster with token authentication, in the shape
+k8s/pretrain's RayJob gives KubeRay (a head without CPUs, a worker node, PYTHONPATH on both)."""
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -18,27 +22,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rayjob_pods() -> tuple[dict, str]:
+    """k8s/pretrain's head `rayStartParams` and the PYTHONPATH its Ray containers set."""
+    with open(os.path.join(ROOT, "k8s", "pretrain", "rayjob.yaml")) as f:
+        cluster = yaml.safe_load(f)["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    (pythonpath,) = {e["value"] for g in groups for e in g["template"]["spec"]["containers"][0]["env"]
+                     if e["name"] == "PYTHONPATH"}
+    return cluster["headGroupSpec"]["rayStartParams"], pythonpath
+
+
 @pytest.fixture(scope="module")
 def head(s3_server, tmp_path_factory):
-    """A Ray head with token auth; its processes (and so the jobs' workers) see the S3 server."""
+    """A Ray cluster in the shape k8s/pretrain gives KubeRay, on this machine: a head started with
+    the RayJob's head rayStartParams (no CPUs: it holds the driver only) and a worker node with
+    the CPUs, both with token auth (what KubeRay's authOptions sets up) and the pods' PYTHONPATH
+    (the image's repository there, this checkout here), started outside the repository so that
+    nothing is importable from the working directory. Its processes see the S3 server."""
     home = tmp_path_factory.mktemp("ray-home")
     token = home / "token"
     token.write_text(secrets.token_hex(32))
-    dashboard = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    head_params, pythonpath = rayjob_pods()
+    assert head_params == {"num-cpus": "0"}, "the fixture starts the head with these; update it with them"
+    dashboard, gcs = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
     env.update(s3_server.environment(), PATH=f"{BIN}:{env.get('PATH', '')}", HOME=str(home),
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    start = subprocess.run([f"{BIN}/ray", "start", "--head", "--num-cpus", "3", f"--port={free_port()}",
-                            f"--dashboard-port={dashboard}", "--include-dashboard=true", "--dashboard-host=127.0.0.1"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               PYTHONPATH=pythonpath.replace("/home/ray/vitscale", ROOT))
+    # Each pod has its own IP and disk; here the second node takes ports and a temp dir of its
+    # own (with the head's, the worker node's runtime-env agent would delete the working_dir
+    # files the driver runs in when its workers end). Short: Ray's socket paths live under it.
+    worker_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    nodes = [["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", *(f"--{k}={v}" for k, v in head_params.items())],
+             [f"--address=127.0.0.1:{gcs}", "--num-cpus=3", f"--dashboard-agent-listen-port={free_port()}",
+              f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+              f"--temp-dir={worker_temp}"]]
+    for args in nodes:
+        start = subprocess.run([f"{BIN}/ray", "start", *args], env=env, cwd=home, capture_output=True, text=True,
+                               timeout=180)
+        assert start.returncode == 0, start.stdout + start.stderr
     yield env, f"http://127.0.0.1:{dashboard}"
     subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(worker_temp, ignore_errors=True)
 
 
-def submit(env, address, *entrypoint, timeout=600):
-    return subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                           *entrypoint], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def submit(env, address, *entrypoint, timeout=600, working_dir=True):
+    return subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address,
+                           *(["--working-dir", "."] if working_dir else []), "--", *entrypoint],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_job_with_the_token_trains(head):
@@ -63,3 +95,27 @@ def test_job_without_the_token_is_refused(head, tmp_path):
     (tmp_path / "wrong").write_text(secrets.token_hex(32))
     out = submit(wrong, address, "python", "-c", "print('should not run')", timeout=120)
     assert out.returncode != 0 and "Invalid authentication token" in out.stdout + out.stderr
+
+
+PROBE = """
+import os, ray
+ray.init()
+
+@ray.remote(num_cpus=1)   # a CPU: on the worker node, the head has none
+def train_loop_module():
+    import orchestrator.train_loop
+    return orchestrator.train_loop.__file__, ray.get_runtime_context().get_node_id()
+
+where, node = ray.get(train_loop_module.remote())
+print("IMPORTED", where, node != ray.get_runtime_context().get_node_id())
+"""
+
+
+def test_a_job_without_a_working_dir_finds_vitscale_through_the_pods_pythonpath(head):
+    """KubeRay's submitter sends the entrypoint alone (no working_dir): the driver and the
+    workers on other nodes import vitscale from the image, through the pods' PYTHONPATH."""
+    env, address = head
+    out = submit(env, address, "python", "-c", PROBE, working_dir=False, timeout=180)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert f"IMPORTED {os.path.join(ROOT, 'orchestrator', 'train_loop.py')} True" in text
