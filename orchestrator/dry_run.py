@@ -6,7 +6,9 @@ The debug twin of the recipe (orchestrator/config.py DRY_RUN) trains through the
 synthetic webdataset shards on S3 (written first when `--data` holds none), Ray Train
 workers running DeepSpeed, checkpoints committed to S3, weights exported at the end. With no
 S3 endpoint configured (AWS_ENDPOINT_URL), a SeaweedFS server is started on 127.0.0.1 for the
-run and stopped after it.
+run and stopped after it; not on a Ray cluster (RAY_ADDRESS set, as in a `ray job submit`
+driver), whose workers see the nodes' S3 settings only: there the cluster's S3 is used, and
+a dry run on a cluster without one stops at its preflight with a one-line error.
 
 Every worker and the driver serve Prometheus metrics on 127.0.0.1. When the `prometheus`
 binary is installed (Debian: `apt-get install prometheus`), a real Prometheus scrapes the run
@@ -33,8 +35,15 @@ def storage_for(config: PretrainConfig, log: Callable[[str], None]):
     """The config with data and checkpoint locations filled in, an S3 server running if needed."""
     updates = {"data": config.data or f"s3://{BUCKET}/synth", "checkpoints": config.checkpoints or f"s3://{BUCKET}/runs"}
     uses_s3 = any(url.startswith("s3://") for url in updates.values())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    # On a Ray cluster (a `ray job submit` driver, or RAY_ADDRESS set: connect_ray joins it) the
+    # workers are started by the cluster's nodes and see their S3 settings, never this process's:
+    # an embedded server here would hold the shards where no worker looks (each then failed with
+    # "no credentials", after scheduling). There the dry run uses the S3 the cluster has, like any
+    # run; only a local Ray, started below with this environment, gets the embedded one.
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     server = None
-    if uses_s3 and not (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")):
+    if uses_s3 and not endpoint and not on_cluster:
         from data_pipelines.embedded_s3 import EmbeddedS3
 
         server = EmbeddedS3().start()
@@ -43,14 +52,16 @@ def storage_for(config: PretrainConfig, log: Callable[[str], None]):
     try:
         for url in updates.values():
             if url.startswith("s3://"):
-                _ensure_bucket(url)
+                _ensure_bucket(url, hint="" if endpoint or not on_cluster else (
+                    " (a dry run on a Ray cluster uses the S3 its nodes are configured for: AWS_ENDPOINT_URL and "
+                    "credentials in their environment; the embedded S3 serves a local run only)"))
         yield config.model_copy(update=updates)
     finally:
         if server is not None:
             server.stop()
 
 
-def _ensure_bucket(url: str) -> None:
+def _ensure_bucket(url: str, hint: str = "") -> None:
     """The dry run makes its buckets; a real run only checks them (preflight)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -64,7 +75,7 @@ def _ensure_bucket(url: str) -> None:
         except ClientError:
             client.create_bucket(Bucket=bucket)
     except (ClientError, BotoCoreError) as error:
-        raise PreflightError(describe_client_error(error, f"s3://{bucket}")) from None
+        raise PreflightError(describe_client_error(error, f"s3://{bucket}") + hint) from None
 
 
 def ensure_shards(config: PretrainConfig, log: Callable[[str], None]) -> None:

@@ -120,6 +120,22 @@ def test_training_without_data_is_a_preflight_error():
     assert out.stderr.strip().splitlines()[-1] == "pretrain.py: error: no training data: pass --data (a folder or s3://bucket/prefix with shards)"
 
 
+def test_a_dry_run_on_a_cluster_without_s3_stops_at_its_preflight(tmp_path):
+    """A `ray job submit` driver (RAY_ADDRESS set) starts no embedded S3, which its workers,
+    started by the cluster's nodes, could never see: with no S3 the cluster knows of, the dry
+    run stops before Ray is even joined (the address here leads nowhere), with one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(RAY_ADDRESS="127.0.0.1:9", HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true")
+    out = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--no-finetune"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "dry run: embedded S3" not in out.stdout and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "pretrain.py: error: s3://vitscale-dry-run: NoCredentialsError: no credentials found (environment, profile or "
+        "IAM role) (a dry run on a Ray cluster uses the S3 its nodes are configured for: AWS_ENDPOINT_URL and "
+        "credentials in their environment; the embedded S3 serves a local run only)")
+
+
 def test_killed_run_resumes_from_its_last_commit(s3_server, tmp_path):
     """Issue 4's acceptance: commits 5 and 10; SIGKILL after the first commit; same command resumes."""
     env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))

@@ -81,6 +81,7 @@ def test_job_with_the_token_trains(head):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "finished at step 4" in text and "checkpoint step 4 committed" in text
+    assert "dry run: embedded S3" not in text   # the cluster's S3 (the nodes' environment), which the workers see
     assert "succeeded" in text
 
 
