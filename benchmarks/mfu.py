@@ -14,7 +14,9 @@ torch.compile with inductor); `--bare` steps the same model without DeepSpeed (t
 weights, torch's fused AdamW, clipping): what plain PyTorch gets, for reference. Only the
 default run prints `bench vit_b16_mfu`; the others print `bench vit_b16_mfu_<variant>`.
 Without a GPU it says so and prints no figure; `--cpu` runs the same loop on the CPU (fp32,
-against a measured matmul rate) to check the script.
+against a measured matmul rate) to check the script. On a lent GPU machine without a network,
+`benchmarks/device_check.sh` (prepare here, run there) installs what it lacks and runs the
+variants that matter in one go.
 """
 
 import argparse
