@@ -9,9 +9,10 @@
 #
 # `run` installs the wheels into /tmp/site and writes its logs to $OUT (else /tmp/device-check):
 # the MFU of the recipe's engine at batch 256 and compiled at 512/1024 (benchmarks/mfu.py, with
-# the phases), plain PyTorch compiled for reference, then the worker's whole step with a
-# checkpoint and a resume (benchmarks/worker_step.py). About 6 minutes on an H200, DeepSpeed's
-# first FusedAdam build (~45 s) included; each step has its own timeout.
+# the phases), plain PyTorch compiled for reference, the engine with torch's fused AdamW in
+# place of DeepSpeed's FusedAdam, then the worker's whole step with a checkpoint and a resume
+# (benchmarks/worker_step.py). About 7 minutes on an H200, DeepSpeed's first FusedAdam build
+# (~45 s) included; each step has its own timeout.
 #
 # What the device lacks was found by running both benchmarks here with --cpu and listing the
 # modules they imported (workers included) against the device's package list
@@ -69,6 +70,10 @@ run() {
     step mfu_compiled_512 150 python3 benchmarks/mfu.py --compile --batch 512 --phases
     step mfu_compiled_1024 150 python3 benchmarks/mfu.py --compile --batch 1024
     step mfu_bare_compiled 120 python3 benchmarks/mfu.py --bare --compile --batch 512
+    # torch's fused AdamW inside DeepSpeed (what CPU workers use) instead of DeepSpeed's JIT-built
+    # FusedAdam: if it steps as fast, GPU pods need no nvcc and no ~45 s build at every start.
+    step mfu_torch_fused_adam 150 python3 benchmarks/mfu.py --phases \
+        --ds '{"optimizer": {"params": {"torch_adam": true, "fused": true}}}'
     step worker_step 200 python3 benchmarks/worker_step.py
     grep -h "^bench " "$out"/*.log | tee "$out/bench.txt" || true
     return $status
