@@ -3,6 +3,10 @@
 # at /home/ray/vitscale and the packages constraints.txt pins, installed in `make venv`'s order.
 #   docker build -t <registry>/vitscale:<tag> .
 # Its Ray is the one constraints.txt pins and the RayJob's rayVersion names (a test checks).
+# Not built on the machines this was written on (no container runtime). DeepSpeed JIT-builds its
+# FusedAdam with the image's nvcc at each node's first start: nvcc's CUDA major version must be
+# torch's (`python -c 'import torch; print(torch.version.cuda)'`); where the -gpu alias's CUDA
+# is not, name the rayproject/ray:<version>-py311-cu<XYZ> tag that is.
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${RAY_IMAGE}
 
