@@ -30,24 +30,18 @@ import pytest
 import yaml
 
 from tests.k8s.test_monitoring import REPO, run, schema_errors
+from tests.k8s.test_monitoring import render_kustomization as render_monitoring
 
 PRETRAIN = os.path.join(REPO, "k8s", "pretrain")
 CREDENTIAL_NAMES = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|SESSION", re.IGNORECASE)
 
 
 def render_kustomization(folder: str = PRETRAIN) -> list[dict]:
-    """What `kubectl kustomize` makes of k8s/pretrain, for the features it uses: resources,
-    `labels` (metadata only) and `images` (every container image of that name)."""
+    """What `kubectl kustomize` makes of k8s/pretrain: k8s/monitoring's rendering (resources,
+    metadata `labels`) and the `images` entries (every container image of that name)."""
+    objects = render_monitoring(folder)
     with open(os.path.join(folder, "kustomization.yaml")) as f:
         kustomization = yaml.safe_load(f)
-    objects = []
-    for resource in kustomization.get("resources", []):
-        with open(os.path.join(folder, resource)) as f:
-            objects += [d for d in yaml.safe_load_all(f) if d]
-    for entry in kustomization.get("labels", []):
-        assert not entry.get("includeSelectors") and not entry.get("includeTemplates"), "metadata labels only"
-        for obj in objects:
-            obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
     images = {i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in kustomization.get("images", [])}
     for obj in objects:
         for container in containers(obj):
@@ -171,9 +165,7 @@ def test_kuberay_starts_ray_with_options_ray_knows(job):
 
 
 def test_every_pod_declares_the_metrics_ports_the_podmonitor_keeps(job):
-    from tests.k8s.test_monitoring import render_kustomization as monitoring
-
-    (monitor,) = [d for d in monitoring() if d["kind"] == "PodMonitor"]
+    (monitor,) = [d for d in render_monitoring() if d["kind"] == "PodMonitor"]
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     (keep,) = [r for r in endpoint["relabelings"] if r.get("action") == "keep"]
     _, config = entrypoint_config(job)
