@@ -179,9 +179,10 @@ def test_kustomization_builds_the_monitor_the_rules_and_the_dashboard(built):
     # Prometheus anchors relabeling regexes, as re.fullmatch does.
     (keep,) = [r for r in endpoint["relabelings"] if r.get("action") == "keep"]
     assert keep["sourceLabels"] == ["__meta_kubernetes_pod_container_port_name"]
-    for port in ("metrics", "metrics-0", "metrics-7", "metrics-12"):
+    for port in ("metrics-driver", "metrics-0", "metrics-7", "metrics-12"):
         assert re.fullmatch(keep["regex"], port), port
-    for port in ("dashboard", "gcs", "client", "serve", "metrics-x", "ray-metrics"):
+    # `metrics` is Ray's own exporter (KubeRay declares it, 8080, where a pod has none).
+    for port in ("metrics", "dashboard", "gcs", "client", "serve", "metrics-x", "ray-metrics"):
         assert not re.fullmatch(keep["regex"], port), port
     (families,) = endpoint["metricRelabelings"]
     for name in FAMILY_NAMES + ("vitscale_step_seconds_bucket", "process_cpu_seconds_total"):

@@ -7,8 +7,8 @@ fields an error: the API server would prune them silently), and agrees with what
   ray-operator/controllers/ray/common/pod.go); every `ray start` option that makes is one Ray's
   CLI knows.
 - The pods carry what k8s/monitoring's PodMonitor selects and keeps: the label, the driver's
-  `metrics` port on the head and one `metrics-<i>` port per worker of a pod, at the config's
-  ports.
+  `metrics-driver` port on the head and one `metrics-<i>` port per worker of a pod, at the
+  config's ports (`metrics` is left to Ray's own exporter).
 - No credential is written into it: S3 settings come from a Secret, Ray's token from
   KubeRay's `authOptions`.
 - The Ray it names is the one constraints.txt pins and the Dockerfile builds on, and the
@@ -175,12 +175,13 @@ def test_every_pod_declares_the_metrics_ports_the_podmonitor_keeps(job):
         ports = {p["name"]: p["containerPort"] for p in ray_container(group)["ports"]}
         scraped = {name: port for name, port in ports.items() if re.fullmatch(keep["regex"], name)}
         if is_head:
-            assert scraped == {"metrics": config["metrics_port"]}
+            assert scraped == {"metrics-driver": config["metrics_port"]}
         else:
             per_pod = int(float(kuberay_start_params(group, head=False)["num-gpus"]) / config["gpus_per_worker"])
             assert scraped == {f"metrics-{i}": config["metrics_port"] + 1 + i for i in range(per_pod)}
-        # KubeRay points Ray's own exporter at 8080; none of our ports may take it.
-        assert 8080 not in ports.values()
+        # KubeRay points Ray's own exporter at 8080 and names it `metrics` where no port has
+        # that name: neither is ours to take.
+        assert 8080 not in ports.values() and "metrics" not in ports
 
 
 def test_no_credential_is_written_into_the_manifest(job):
