@@ -18,6 +18,7 @@ fields an error: the API server would prune them silently), and agrees with what
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -110,13 +111,19 @@ def kuberay_start_params(group: dict, head: bool) -> dict[str, str]:
     return params
 
 
-def entrypoint_config(job: dict, *extra: str) -> tuple[list[str], dict]:
+def entrypoint_config(job: dict) -> tuple[list[str], dict]:
     """The entrypoint's words and the config launch/pretrain.py resolves from them (here)."""
     words = shlex.split(job["spec"]["entrypoint"])
-    out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), *words[2:], *extra,
-                          "--print-config"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return words, json.loads(print_config(tuple(words[2:])))
+
+
+@functools.lru_cache(maxsize=None)
+def print_config(args: tuple[str, ...]) -> str:
+    """launch/pretrain.py's --print-config output for these flags (one process per command line)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), *args, "--print-config"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, f"the RayJob's entrypoint does not parse: {out.stderr}"
-    return words, json.loads(out.stdout)
+    return out.stdout
 
 
 def test_the_rayjob_matches_kuberays_crd_schema(job):
