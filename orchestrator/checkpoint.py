@@ -950,4 +950,33 @@ def export_weights(engine, url: str, *, metadata: dict[str, str] | None = None, 
     os.makedirs(staging_dir, exist_ok=True)
     path = os.path.join(staging_dir, "model.safetensors")
     save_file(state, path, metadata=metadata or {})
+    canonical_safetensors_header(path)
     return upload_file(path, url, factory)
+
+
+def canonical_safetensors_header(path: str) -> None:
+    """Rewrite a safetensors file's header in place with its metadata in key order.
+
+    safetensors writes the `__metadata__` entries in the order of a Rust HashMap, which is
+    seeded at random in every process: the same weights and metadata gave a different file,
+    and a different sha256, at every export (seen: two identical dry runs, and a finished run
+    exported again from its checkpoint). The tensors' entries are already in a fixed order, so
+    sorting the metadata makes the bytes a function of the contents. The header keeps its
+    length (the same keys and values, padded with spaces as the format allows), so the
+    tensor data does not move.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        metadata = header.pop("__metadata__", None)
+        if not metadata:
+            return
+        ordered = {"__metadata__": dict(sorted(metadata.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # a serializer that escapes differently: leave the file valid as it is
+            return
+        f.seek(8)
+        f.write(text.ljust(length, b" "))

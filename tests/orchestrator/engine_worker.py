@@ -65,6 +65,7 @@ def main(as_gpu: bool) -> None:
 def export(zero_stage: int, folder: str) -> None:
     """bf16 (the GPU config on DeepSpeed's CPU accelerator): a few updates, then export_weights."""
     import deepspeed
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from orchestrator.checkpoint import export_weights
@@ -85,7 +86,12 @@ def export(zero_stage: int, folder: str) -> None:
         loss = engine(x).float().square().mean()
         engine.backward(loss)
         engine.step()
-    digest = export_weights(engine, os.path.join(folder, "model.safetensors"), staging_dir=os.path.join(folder, "staging"))
+    metadata = {"model": "ViT-B/16", "num_classes": "2", "image_size": "224", "step": "3"}
+    digest = export_weights(engine, os.path.join(folder, "model.safetensors"), metadata=metadata,
+                            staging_dir=os.path.join(folder, "staging"))
+    # Exported again, the same state is the same file (safetensors orders metadata at random).
+    again = [export_weights(engine, os.path.join(folder, f"again-{i}.safetensors"), metadata=metadata,
+                            staging_dir=os.path.join(folder, "staging")) for i in range(4)]
     masters = {name: deepspeed.utils.safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
@@ -95,6 +101,8 @@ def export(zero_stage: int, folder: str) -> None:
     exported = load_file(os.path.join(folder, "model.safetensors"))
     print("RESULT " + json.dumps({
         "digest": digest is not None,
+        "same_digest": all(d == digest for d in again),
+        "metadata": safe_open(os.path.join(folder, "model.safetensors"), "pt").metadata() == metadata,
         "keys": sorted(exported) == sorted(working),
         "dtypes": sorted({str(t.dtype) for k, t in exported.items() if k in masters}),
         "working_dtypes": sorted({str(t.dtype) for k, t in working.items() if k in masters}),

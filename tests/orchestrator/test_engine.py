@@ -56,7 +56,8 @@ def test_torch_compile_compiles_the_model_in_place():
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_exported_weights_are_the_fp32_masters_of_a_bf16_run(zero_stage, tmp_path):
     result = run_worker("export", str(zero_stage), str(tmp_path))
-    assert result["digest"] and result["keys"] and result["buffer"]
+    assert result["digest"] and result["keys"] and result["buffer"] and result["metadata"]
+    assert result["same_digest"], "the same weights exported again gave another file"
     assert result["working_dtypes"] == ["torch.bfloat16"] and result["dtypes"] == ["torch.float32"]
     # Every parameter is DeepSpeed's fp32 master, and after three updates those are off the
     # bf16 grid the working copy rounds them to.
