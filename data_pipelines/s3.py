@@ -74,16 +74,23 @@ class S3ClientFactory:
     max_pool_connections: int = 32
 
     def client(self):
-        cache = _process_clients()
-        client = cache.get(self)
+        cache, key = _process_clients(), self._key()
+        client = cache.get(key)
         if client is None:
             with _clients_lock:  # botocore sessions are not thread-safe while making clients
-                client = cache.get(self)
+                client = cache.get(key)
                 if client is None:
-                    client = cache[self] = self._new_client()
+                    client = cache[key] = self._new_client(key)
         return client
 
-    def _new_client(self):
+    def _key(self) -> tuple:
+        """This factory under the environment boto3 reads now: a client (and session) made
+        under other values of it is not handed out. A dry run sets AWS_ENDPOINT_URL to its
+        embedded server; a second dry run in the same process (a notebook, the tests) got the
+        first one's client, pointing at a server that was gone."""
+        return self, tuple(os.environ.get(name) for name in BOTO3_ENVIRONMENT)
+
+    def _new_client(self, key: tuple | None = None):
         import boto3
         import botocore.session
         from botocore.config import Config
@@ -91,12 +98,13 @@ class S3ClientFactory:
         # The session (configuration, credential chain, parsed service models) is kept across
         # forks: a DataLoader worker then makes its client in ~5 ms instead of ~70 ms. The
         # client, which owns the connections, is always this process's own.
-        session = _sessions.get(self)
+        key = key or self._key()
+        session = _sessions.get(key)
         if session is None:
             # One boto3 session per factory: boto3 registers its handlers on the botocore
             # session it wraps, so wrapping the same botocore session twice would register
             # them twice ("Cannot inject class attribute upload_file").
-            session = _sessions[self] = boto3.session.Session(
+            session = _sessions[key] = boto3.session.Session(
                 botocore_session=botocore.session.Session(profile=self.profile),
                 aws_access_key_id=self.access_key_id,
                 aws_secret_access_key=self.secret_access_key,
@@ -137,9 +145,15 @@ def _set_by_user(core, name: str) -> bool:
         return False
 
 
+# The variables boto3 takes S3 settings from (besides the files they may name).
+BOTO3_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
+)
 _clients_lock = threading.Lock()
-_clients: dict[int, dict[S3ClientFactory, object]] = {}  # pid -> clients made in that process
-_sessions: dict[S3ClientFactory, object] = {}  # boto3 sessions, inherited by forked children
+_clients: dict[int, dict[tuple, object]] = {}  # pid -> clients made in that process, by S3ClientFactory._key
+_sessions: dict[tuple, object] = {}  # boto3 sessions, inherited by forked children
 
 
 def _forget_parent_clients() -> None:

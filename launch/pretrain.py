@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from orchestrator.config import ConfigError, resolve_pretrain_config  # noqa: E402
 
-EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_USAGE = 2
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     print("config: " + config.model_dump_json(), flush=True)
     from orchestrator import dry_run, pretraining
 
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
+
     try:
         if config.dry_run:
             dry_run.run(config)
@@ -92,10 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # preflight: data, checkpoint location, cluster resources
         print(f"pretrain.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except pretraining.TrainingError as err:
+    except pretraining.TrainingError as err:  # Interrupted among them: exit 128 + its signal
         print(f"pretrain.py: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return err.exit_status
+    except KeyboardInterrupt:  # a signal outside training (data, preflight, Ray starting, plots)
+        signum = _signalled[-1] if _signalled else signal.SIGINT
+        print(f"pretrain.py: interrupted by {signal.Signals(signum).name} outside training; the same command "
+              f"starts the run or resumes it from its last committed checkpoint", file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+_signalled: list[int] = []
+
+
+def _stop(signum, frame):
+    """SIGTERM and SIGHUP unwind the driver as Ctrl-C does, so that what it started (the embedded
+    S3, Prometheus, a local Ray) is stopped on the way out; while Ray Train fits, the orchestrator
+    turns them into its graceful abort instead."""
+    _signalled.append(signum)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def storage_for(config: PretrainConfig, log: Callable[[str], None]):
         server = EmbeddedS3().start()
         os.environ.update(server.environment())  # inherited by the local Ray and its workers
         log(f"dry run: embedded S3 (SeaweedFS) at {server.endpoint_url}")
+    from orchestrator.pretraining import Interrupted
+
     try:
         for url in updates.values():
             if url.startswith("s3://"):
@@ -56,6 +58,11 @@ def storage_for(config: PretrainConfig, log: Callable[[str], None]):
                     " (a dry run on a Ray cluster uses the S3 its nodes are configured for: AWS_ENDPOINT_URL and "
                     "credentials in their environment; the embedded S3 serves a local run only)"))
         yield config.model_copy(update=updates)
+    except Interrupted as stopped:
+        if server is not None:
+            stopped.hint = ("the embedded S3 goes with this run, its checkpoints too: to resume a dry run, give it an "
+                            "S3 that stays (AWS_ENDPOINT_URL and credentials)")
+        raise
     finally:
         if server is not None:
             server.stop()

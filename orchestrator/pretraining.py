@@ -10,8 +10,10 @@ a local Ray. Everything a run needs is checked before any worker is scheduled; a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import tempfile
 import time
 from typing import Callable
@@ -27,6 +29,26 @@ class PreflightError(ConfigError):
 
 class TrainingError(RuntimeError):
     """Training started but did not finish (exit status 1)."""
+
+    exit_status = 1
+
+
+class Interrupted(TrainingError):
+    """A signal stopped the run: Ctrl-C (SIGINT), `ray job stop` or a pod's deletion (SIGTERM), a
+    closed terminal (SIGHUP). Exit status 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int, stood: str, hint: str = "the same command resumes the run from its last "
+                                                            "committed checkpoint"):
+        self.signum, self.stood, self.hint = signum, stood, hint
+        self.exit_status = 128 + signum
+        super().__init__()
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}: the workers were stopped; {self.stood}; {self.hint}"
+
+
+# What stops a run, besides SIGKILL (signals_stop_the_run).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # The GCS address of the local Ray that `connect_ray` started in this process, if it did.
@@ -162,32 +184,94 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     from orchestrator.trainer import build_trainer
 
     config = check_locations(config)
-    ray = connect_ray(config)
-    check_resources(config, ray)
-    log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
-    starts = WorkerGroupStarts.for_run(config.run_name)
-    driver_metrics = start_driver_metrics(config, starts, log)
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
-    staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
-    trainer = build_trainer(
-        train_loop,
-        train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
-                                        nan_grad_at=nan_grad_at, metrics_linger=metrics_linger, starts_prefix=starts.prefix),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
-                             storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
-        local=ray_started_here(ray),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as error:  # ray.train.TrainingFailedError and its kin
-        raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
-    finally:
-        if metrics_linger:
-            time.sleep(metrics_linger)
-        driver_metrics.close()
-        starts.clear()
+    ray = connect_ray(config)  # a local Ray puts its own SIGTERM handler in place: ours go in after
+    with signals_stop_the_run() as received:
+        check_resources(config, ray)
+        log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
+        starts = WorkerGroupStarts.for_run(config.run_name)
+        driver_metrics = start_driver_metrics(config, starts, log)
+        resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
+        staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+        trainer = build_trainer(
+            train_loop,
+            train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
+                                            nan_grad_at=nan_grad_at, metrics_linger=metrics_linger,
+                                            starts_prefix=starts.prefix),
+            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
+                                 storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
+            local=ray_started_here(ray),
+        )
+        try:
+            result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):
+            # A stop signal (signals_stop_the_run), or Ctrl-C through Ray Train's own handler,
+            # which aborts the controller and then makes ray.get raise SystemExit.
+            signum = received[0] if received else signal.SIGINT
+            if ray_started_here(ray):
+                # Now, not at exit: when the signal reached the whole process group (systemd,
+                # Slurm), Ray's GCS and raylet died of it too, and the controller, still alive,
+                # started the workers again; shut down at exit, the driver then waited 60 s for
+                # the GCS and left those workers running. Here: 1.4 s (8 s without a GCS).
+                ray.shutdown()
+            raise Interrupted(signum, where_it_stands(config)) from None
+        except Exception as error:  # ray.train.TrainingFailedError and its kin
+            raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
+        finally:
+            if metrics_linger and not received:  # for a last scrape; not when told to stop
+                time.sleep(metrics_linger)
+            driver_metrics.close()
+            starts.clear()
     if result.error is not None:
         raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
     return dict(result.metrics or {})
+
+
+@contextlib.contextmanager
+def signals_stop_the_run():
+    """From joining Ray to the end of training: SIGTERM and SIGHUP stop the run as Ctrl-C does.
+
+    Each raises KeyboardInterrupt in the driver, which leaves `fit` (run_pretraining then shuts
+    a local Ray down; a joined cluster ends the job's actors, the workers among them, when its
+    driver goes). What was committed stays committed. Ctrl-C inside `fit` is Ray Train's: its
+    handler asks the controller to abort first. Without this, SIGTERM met Ray's own handlers: a
+    local Ray's node killed its processes and the driver then aborted (exit 134, Ray's dashboard
+    and runtime-env agents left running for good, ~200 MB); a driver that joined a cluster
+    exited at once, silently. Handing SIGTERM to Ray Train's abort as well was tried: when the
+    signal reached the whole process group, Ray's GCS was gone and the abort waited 60 s for
+    it. The signals received are listed in the yielded list; the previous handlers come back
+    after. Outside the main thread (no signals there) it does nothing.
+    """
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def where_it_stands(config: PretrainConfig) -> str:
+    """The run's last committed checkpoint, said for someone who just stopped it."""
+    from orchestrator.checkpoint import CheckpointManager
+    from orchestrator.train_loop import checkpoint_url
+
+    url = checkpoint_url(config)
+    try:
+        steps = CheckpointManager(url, staging_dir=tempfile.gettempdir()).committed_steps()
+    except Exception as error:  # the store is unreachable now: say so, do not hide the interruption
+        return f"its checkpoints in {url} could not be listed ({type(error).__name__})"
+    return f"the last committed checkpoint is step {steps[-1]} in {url}" if steps else f"no checkpoint was committed yet in {url}"

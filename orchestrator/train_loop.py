@@ -163,7 +163,10 @@ class _Worker:
         self.log(f"training {run.model} on {run.data}: steps {self.step} -> {run.steps} of {run.total_steps}, "
                  f"{self.world_size} workers x {run.micro_batch_size} x {run.gradient_accumulation_steps} accumulation, "
                  f"{self.device}, {torch.get_num_threads()} CPU threads")
-        window_start, window_images, last_loss = time.perf_counter(), 0, float("nan")
+        if self.step >= run.steps:  # the same command again, after the run finished
+            self.log(f"nothing to train: the run's last checkpoint is step {self.step} and it stops at step "
+                     f"{run.steps}; exporting that checkpoint's weights (raise --max-steps or --epochs to go on)")
+        window_start, window_images, last_loss = time.perf_counter(), 0, None
         while self.step < run.steps:
             lr = learning_rate(self.step, base_lr=run.base_lr, total_steps=run.total_steps,
                                warmup_steps=run.warmup_steps, decay=run.lr_decay)
@@ -191,7 +194,7 @@ class _Worker:
         if self.checkpoints.last_committed_step != run.steps and self.rank == 0:
             self.log(f"warning: the final checkpoint (step {run.steps}) did not commit: {self.checkpoints.last_error}")
         self._export()
-        self.log(f"finished at step {self.step}, loss {last_loss:.4f}")
+        self.log(f"finished at step {self.step}" + ("" if last_loss is None else f", loss {last_loss:.4f}"))
         if self.metrics_linger:
             time.sleep(self.metrics_linger)
         self.metrics.close()

@@ -44,6 +44,21 @@ def test_each_process_makes_its_own_client(s3):
     assert child_pid != os.getpid()
 
 
+def test_a_client_is_reused_only_under_the_environment_it_was_made_under(s3_server, monkeypatch):
+    # A dry run points AWS_ENDPOINT_URL at its embedded server: a second one in the same
+    # process must not get a client of the first one's server, which is gone.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    factory = S3ClientFactory()
+    first = factory.client()
+    assert first.meta.endpoint_url == "http://127.0.0.1:1" and factory.client() is first
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    second = factory.client()
+    assert second is not first and second.meta.endpoint_url == s3_server.endpoint_url
+    assert factory.client() is second
+    assert second.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
 def test_standard_environment_configures_boto3(s3_server, fresh_prefix, monkeypatch):
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)

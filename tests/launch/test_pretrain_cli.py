@@ -179,6 +179,76 @@ def test_killed_run_resumes_from_its_last_commit(s3_server, tmp_path):
             assert found[f"{run}/step-{step:08d}/{entry['name']}"] == entry["size"]
 
 
+def _processes_in_session(sid: int) -> list[str]:
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                    with open(f"/proc/{pid}/cmdline") as g:
+                        left.append(f"{pid} {g.read().replace(chr(0), ' ')[:100]}")
+        except (OSError, IndexError, ValueError):
+            pass
+    return left
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_run_says_where_it_stands_and_the_same_command_finishes_it(s3_server, tmp_path, how):
+    """Ctrl-C (SIGINT to the terminal's whole process group) or SIGTERM to the driver alone (kill,
+    docker stop, `ray job stop`): one line naming the signal and the last committed step, exit
+    128 + signal, nothing of the local Ray left running. After SIGTERM the same command resumes
+    from that step and finishes, and once more it has nothing to train and exports the same file."""
+    bucket = s3_server.create_bucket(f"stopped-{how}")
+    env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
+    args = [sys.executable, SCRIPT, "--dry-run", "--no-finetune", "--max-steps", "30", "--checkpoint-every", "5",
+            "--data", f"{bucket}/synth", "--checkpoints", f"{bucket}/run", "--set", "image_size=96",
+            "--set", "metrics_address=off"]
+    log = open(tmp_path / "first.log", "w+")
+    first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    client = s3_server.client_factory().client()
+    checkpoints = "run/vit-mu-4-jft-300m-dry-run/checkpoints"
+    deadline = time.monotonic() + 300
+    while True:  # the second commit, watched on S3 itself
+        assert time.monotonic() < deadline and first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
+        try:
+            client.head_object(Bucket=bucket.removeprefix("s3://"), Key=f"{checkpoints}/step-00000010/manifest.json")
+            break
+        except client.exceptions.ClientError:
+            time.sleep(0.05)
+    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+    (os.killpg if how == "ctrl-c" else os.kill)(first.pid, signum)
+    assert first.wait(timeout=120) == 128 + signum
+    text = open(tmp_path / "first.log").read()
+    assert "Traceback" not in text, text[-3000:]
+    said = [line for line in text.splitlines() if line.startswith("pretrain.py:")]
+    name = signal.Signals(signum).name
+    assert len(said) == 1 and (match := re.fullmatch(
+        rf"pretrain\.py: interrupted by {name}: the workers were stopped; the last committed checkpoint is step "
+        rf"(\d+) in {re.escape(f'{bucket}/{checkpoints}')}; the same command resumes the run from its last "
+        rf"committed checkpoint", said[0])), said
+    stood = int(match.group(1))
+    assert 10 <= stood < 30
+    from data_pipelines.transfer import list_prefix
+
+    committed = sorted(int(k[5:13]) for k in list_prefix(f"{bucket}/{checkpoints}", s3_server.client_factory())
+                       if k.endswith("/manifest.json"))
+    assert committed[-1] == stood, committed
+    time.sleep(1)
+    assert _processes_in_session(first.pid) == []
+    if how == "ctrl-c":
+        return
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-3000:]
+    assert f"resumed from step {stood}" in text and "finished at step 30, loss" in text
+    third = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    again = third.stdout + third.stderr
+    assert third.returncode == 0, again[-3000:]
+    assert "nothing to train: the run's last checkpoint is step 30" in again and "finished at step 30\n" in again
+    digests = re.findall(r"exported weights to \S+ \(sha256 (\w+)\)", text + again)
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+
+
 def test_a_cluster_too_small_is_refused_before_anything_is_scheduled(s3_server):
     from data_pipelines.synthetic import write_synthetic
 

@@ -120,3 +120,51 @@ def test_a_job_without_a_working_dir_finds_vitscale_through_the_pods_pythonpath(
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert f"IMPORTED {os.path.join(ROOT, 'orchestrator', 'train_loop.py')} True" in text
+
+
+def test_ray_job_stop_stops_the_workers_and_the_job_says_where_the_run_stands(head, s3_server):
+    """`ray job stop` sends the driver SIGTERM: it stops the run (its workers on the worker node
+    go with it), says which step is committed, and the job ends STOPPED."""
+    import json
+    import re
+    import time
+
+    env, address = head
+    job = f"stop-{secrets.token_hex(4)}"
+    out = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
+                          "--submission-id", job, "--", "python", "launch/pretrain.py", "--dry-run", "--no-finetune",
+                          "--max-steps", "60", "--checkpoint-every", "5", "--set", "image_size=96",
+                          "--set", "metrics_address=off", "--data", "s3://jobs-stop/synth",
+                          "--checkpoints", "s3://jobs-stop/runs"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    def ray_cli(*args):
+        return subprocess.run([f"{BIN}/ray", *args, "--address", address], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    client = s3_server.client_factory().client()
+    deadline = time.monotonic() + 300
+    while True:  # the second commit, on S3
+        assert time.monotonic() < deadline, ray_cli("job", "logs", job).stdout[-3000:]
+        try:
+            client.head_object(Bucket="jobs-stop", Key="runs/vit-mu-4-jft-300m-dry-run/checkpoints/step-00000010/manifest.json")
+            break
+        except client.exceptions.ClientError:
+            time.sleep(0.1)
+    stop = ray_cli("job", "stop", job)
+    assert stop.returncode == 0 and "was stopped" in stop.stdout + stop.stderr, stop.stdout + stop.stderr
+    logs = ray_cli("job", "logs", job).stdout
+    said = re.findall(r"pretrain\.py: interrupted by SIGTERM: the workers were stopped; the last committed checkpoint "
+                      r"is step (\d+) in s3://jobs-stop/runs/vit-mu-4-jft-300m-dry-run/checkpoints; the same command "
+                      r"resumes the run from its last committed checkpoint", logs)
+    assert said and 10 <= int(said[0]) < 60, logs[-3000:]
+    deadline = time.monotonic() + 60
+    while True:  # the driver's exit ends the run's actors (Ray Train's autoscaling coordinator is the cluster's)
+        listed = ray_cli("list", "actors", "--filter", "state=ALIVE", "--format", "json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        alive = [a["class_name"] for a in json.loads(listed.stdout) if a["class_name"] != "_AutoscalingCoordinatorActor"]
+        if not alive:
+            break
+        assert time.monotonic() < deadline, alive
+        time.sleep(1)
