@@ -112,8 +112,8 @@ _signalled: list[int] = []
 
 def _stop(signum, frame):
     """SIGTERM and SIGHUP unwind the driver as Ctrl-C does, so that what it started (the embedded
-    S3, Prometheus, a local Ray) is stopped on the way out; while Ray Train fits, the orchestrator
-    turns them into its graceful abort instead."""
+    S3, Prometheus, a local Ray) is stopped on the way out. While it trains, run_pretraining
+    handles them (orchestrator/pretraining.py signals_stop_the_run) and says where the run stands."""
     _signalled.append(signum)
     raise KeyboardInterrupt
 

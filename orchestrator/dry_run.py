@@ -111,7 +111,8 @@ def run(config: PretrainConfig, log: Callable[[str], None] = print) -> dict:
         ensure_shards(config, log)
         with observed(config, log) as (config, plot):
             metrics = run_pretraining(config, log=log, metrics_linger=2.0)
-            plot()
+            if not metrics.get("nothing_to_train"):
+                plot()
     log("dry run: not built yet, so not run: " + "; ".join(NOT_BUILT_YET))
     return metrics
 

@@ -172,7 +172,8 @@ def start_driver_metrics(config: PretrainConfig, starts, log: Callable[[str], No
 def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = print,
                     record_dir: str | None = None, nan_loss_at: dict[int, int] | None = None,
                     nan_grad_at: dict[int, int] | None = None, metrics_linger: float = 0.0) -> dict:
-    """Preflight, then train; returns the last metrics reported by rank 0.
+    """Preflight, then train; returns the last metrics reported by rank 0 (or, for a run that is
+    finished already, {"step", "nothing_to_train": True}, and nothing is scheduled).
 
     While it trains, the driver serves its own metrics (run info, workers, restarts) on
     `metrics_port`; each worker serves its own (orchestrator/metrics.py).
@@ -184,6 +185,12 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     from orchestrator.trainer import build_trainer
 
     config = check_locations(config)
+    finished = finished_run(config)
+    if finished is not None:  # the same command again: nothing is scheduled
+        log(f"nothing to train: the run finished at step {finished['step']} (its last checkpoint; it stops at step "
+            f"{config.steps}: raise --max-steps or --epochs to go on); its weights: {finished['weights']} "
+            f"(sha256 {finished['sha256'][:12]})")
+        return {"step": finished["step"], "nothing_to_train": True}
     ray = connect_ray(config)  # a local Ray puts its own SIGTERM handler in place: ours go in after
     with signals_stop_the_run() as received:
         check_resources(config, ray)
@@ -262,6 +269,26 @@ def signals_stop_the_run():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def finished_run(config: PretrainConfig) -> dict | None:
+    """The record of the run's exported weights ({"step", "sha256", "weights"}) when the run is
+    finished: those weights are of its newest committed checkpoint, and that step is where the
+    config stops, or past it. None otherwise (also when no record can be read)."""
+    import json
+
+    from data_pipelines.s3 import DataSourceError
+    from data_pipelines.storage import read_bytes
+    from orchestrator.checkpoint import CheckpointManager
+    from orchestrator.train_loop import checkpoint_url, weights_record_url
+
+    try:
+        record = json.loads(read_bytes(weights_record_url(config)))
+        record = {"step": int(record["step"]), "sha256": str(record["sha256"]), "weights": str(record["weights"])}
+        steps = CheckpointManager(checkpoint_url(config), staging_dir=tempfile.gettempdir()).committed_steps()
+    except (DataSourceError, ValueError, KeyError, TypeError):  # none yet, or unreadable: the workers decide
+        return None
+    return record if steps and steps[-1] == record["step"] >= config.steps else None
 
 
 def where_it_stands(config: PretrainConfig) -> str:

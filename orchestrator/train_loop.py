@@ -22,6 +22,7 @@ ranks agree (one all-reduce) that every rank has a batch and that every loss is 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -87,6 +88,12 @@ def checkpoint_url(config: PretrainConfig) -> str:
 
 def weights_url(config: PretrainConfig) -> str:
     return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), "model.safetensors")
+
+
+def weights_record_url(config: PretrainConfig) -> str:
+    """Beside the weights, written after them: {"step", "sha256", "weights"}. The driver reads it
+    to see that a run is finished without scheduling anything (pretraining.finished_run)."""
+    return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), "model.json")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -343,6 +350,14 @@ class _Worker:
         )
         if digest is not None:
             self.log(f"exported weights to {weights_url(run)} (sha256 {digest[:12]})")
+            from data_pipelines.s3 import DataSourceError
+            from data_pipelines.storage import write_bytes
+
+            record = {"step": self.step, "sha256": digest, "weights": weights_url(run)}
+            try:
+                write_bytes(weights_record_url(run), json.dumps(record).encode(), self.checkpoints.factory)
+            except DataSourceError as error:  # the weights are there; the same command just runs once more
+                self.log(f"warning: {error}: the weights' record was not written")
 
     # --- metrics ----------------------------------------------------------------------------
 

@@ -241,12 +241,14 @@ def test_a_stopped_run_says_where_it_stands_and_the_same_command_finishes_it(s3_
     text = second.stdout + second.stderr
     assert second.returncode == 0, text[-3000:]
     assert f"resumed from step {stood}" in text and "finished at step 30, loss" in text
+    # Once more: finished, so nothing is scheduled (no Ray, no worker); it names its weights.
     third = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     again = third.stdout + third.stderr
     assert third.returncode == 0, again[-3000:]
-    assert "nothing to train: the run's last checkpoint is step 30" in again and "finished at step 30\n" in again
-    digests = re.findall(r"exported weights to \S+ \(sha256 (\w+)\)", text + again)
-    assert len(digests) == 2 and digests[0] == digests[1], digests
+    (exported,) = re.findall(r"exported weights to (\S+) \(sha256 (\w+)\)", text)
+    assert (f"nothing to train: the run finished at step 30 (its last checkpoint; it stops at step 30: raise "
+            f"--max-steps or --epochs to go on); its weights: {exported[0]} (sha256 {exported[1]})") in again
+    assert "workers, checkpoints in" not in again and "RayTrainWorker" not in again
 
 
 def test_a_cluster_too_small_is_refused_before_anything_is_scheduled(s3_server):

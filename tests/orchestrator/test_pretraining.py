@@ -1,6 +1,8 @@
 """Pretraining through Ray Train + DeepSpeed on gloo (CPU), streaming shards from a real S3."""
 
 import collections
+import hashlib
+import json
 import os
 import re
 import signal
@@ -9,10 +11,11 @@ import time
 
 import pytest
 
+from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.synthetic import write_synthetic
 from data_pipelines.transfer import list_prefix
-from orchestrator.pretraining import PreflightError, check_locations, check_resources, run_pretraining
-from orchestrator.train_loop import checkpoint_url
+from orchestrator.pretraining import PreflightError, check_locations, check_resources, finished_run, run_pretraining
+from orchestrator.train_loop import checkpoint_url, weights_record_url, weights_url
 from tests.orchestrator.conftest import SAMPLES, config_for
 
 
@@ -84,6 +87,10 @@ def test_loss_falls_with_two_workers(cluster, stage, capfd):
     found = list_prefix(checkpoint_url(config))
     assert "step-00000024/manifest.json" in found and "step-00000016/manifest.json" in found
     assert any(k.endswith("model.safetensors") for k in list_prefix(f"{cluster[0]}/runs/zero-{stage}"))
+    # The weights' record: the same command again would find the run finished, these weights its own.
+    record = finished_run(config)
+    assert record is not None and record["step"] == 24 and record["weights"] == weights_url(config)
+    assert record["sha256"] == hashlib.sha256(read_bytes(weights_url(config))).hexdigest()
 
 
 def test_killed_worker_resumes_from_the_last_commit(cluster, tmp_path, capfd):
@@ -115,6 +122,22 @@ def test_killed_worker_resumes_from_the_last_commit(cluster, tmp_path, capfd):
     assert len(committed) == len(set(committed)) and len(after) == len(set(after))
     assert not set(committed) & set(after)
     assert len(committed) + len(after) == SAMPLES
+
+
+def test_a_run_is_finished_when_its_weights_are_of_its_newest_commit_at_its_last_step(cluster):
+    config = config_for(cluster, "finished-or-not", max_steps=30)
+    assert finished_run(config) is None  # nothing yet
+    for step in (25, 30):
+        write_bytes(f"{checkpoint_url(config)}/step-{step:08d}/manifest.json", b"{}")
+    record = {"step": 30, "sha256": "ab" * 32, "weights": weights_url(config)}
+    write_bytes(weights_record_url(config), json.dumps(record).encode())
+    assert finished_run(config) == record
+    assert finished_run(config.model_copy(update={"max_steps": 20})) == record  # stops before: nothing to train
+    assert finished_run(config.model_copy(update={"max_steps": 32})) is None  # more steps asked for: they train
+    write_bytes(f"{checkpoint_url(config)}/step-00000035/manifest.json", b"{}")  # a commit after those weights
+    assert finished_run(config) is None and finished_run(config.model_copy(update={"max_steps": 20})) is None
+    write_bytes(weights_record_url(config), b"not json")
+    assert finished_run(config) is None
 
 
 def test_preflight_names_what_is_missing(cluster):
