@@ -136,6 +136,23 @@ def test_a_dry_run_on_a_cluster_without_s3_stops_at_its_preflight(tmp_path):
         "credentials in their environment; the embedded S3 serves a local run only)")
 
 
+def started_until_committed(args, env, log_path, s3_server, bucket, manifest) -> subprocess.Popen:
+    """`args` started in a session of its own (output to `log_path`), once `manifest` is on S3.
+    The commit is watched on S3 itself: the worker's "committed" line reaches the driver's log
+    through Ray's log streaming, which can lag behind the rest of a short run."""
+    log = open(log_path, "w+")
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    client = s3_server.client_factory().client()
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline and process.poll() is None, open(log_path).read()[-3000:]
+        try:
+            client.head_object(Bucket=bucket, Key=manifest)
+            return process
+        except client.exceptions.ClientError:
+            time.sleep(0.05)
+
+
 def test_killed_run_resumes_from_its_last_commit(s3_server, tmp_path):
     """Issue 4's acceptance: commits 5 and 10; SIGKILL after the first commit; same command resumes."""
     env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
@@ -144,20 +161,8 @@ def test_killed_run_resumes_from_its_last_commit(s3_server, tmp_path):
             # Larger images make each step slow enough (~0.2 s here) that the kill lands before
             # the last commit: at the twin's 32 px the whole run can end in the moment it takes.
             "--set", "image_size=96"]
-    log = open(tmp_path / "first.log", "w+")
-    first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
-    # The commit is watched on S3 itself: the worker's "committed" line reaches the driver's
-    # log through Ray's log streaming, which can lag behind the rest of this short run.
-    client = s3_server.client_factory().client()
-    first_manifest = "run/vit-mu-4-jft-300m-dry-run/checkpoints/step-00000005/manifest.json"
-    deadline = time.monotonic() + 300
-    while True:
-        assert time.monotonic() < deadline and first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
-        try:
-            client.head_object(Bucket="accept-bucket", Key=first_manifest)
-            break
-        except client.exceptions.ClientError:
-            time.sleep(0.05)
+    first = started_until_committed(args, env, tmp_path / "first.log", s3_server, "accept-bucket",
+                                    "run/vit-mu-4-jft-300m-dry-run/checkpoints/step-00000005/manifest.json")
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait()
     second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
@@ -197,24 +202,15 @@ def test_a_stopped_run_says_where_it_stands_and_the_same_command_finishes_it(s3_
     """Ctrl-C (SIGINT to the terminal's whole process group) or SIGTERM to the driver alone (kill,
     docker stop, `ray job stop`): one line naming the signal and the last committed step, exit
     128 + signal, nothing of the local Ray left running. After SIGTERM the same command resumes
-    from that step and finishes, and once more it has nothing to train and exports the same file."""
+    from that step and finishes, and once more it schedules nothing and names the weights it exported."""
     bucket = s3_server.create_bucket(f"stopped-{how}")
     env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
     args = [sys.executable, SCRIPT, "--dry-run", "--no-finetune", "--max-steps", "30", "--checkpoint-every", "5",
             "--data", f"{bucket}/synth", "--checkpoints", f"{bucket}/run", "--set", "image_size=96",
             "--set", "metrics_address=off"]
-    log = open(tmp_path / "first.log", "w+")
-    first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
-    client = s3_server.client_factory().client()
     checkpoints = "run/vit-mu-4-jft-300m-dry-run/checkpoints"
-    deadline = time.monotonic() + 300
-    while True:  # the second commit, watched on S3 itself
-        assert time.monotonic() < deadline and first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
-        try:
-            client.head_object(Bucket=bucket.removeprefix("s3://"), Key=f"{checkpoints}/step-00000010/manifest.json")
-            break
-        except client.exceptions.ClientError:
-            time.sleep(0.05)
+    first = started_until_committed(args, env, tmp_path / "first.log", s3_server, bucket.removeprefix("s3://"),
+                                    f"{checkpoints}/step-00000010/manifest.json")  # the second commit
     signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
     (os.killpg if how == "ctrl-c" else os.kill)(first.pid, signum)
     assert first.wait(timeout=120) == 128 + signum
