@@ -197,52 +197,55 @@ def _processes_in_session(sid: int) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_a_stopped_run_says_where_it_stands_and_the_same_command_finishes_it(s3_server, tmp_path, how):
-    """Ctrl-C (SIGINT to the terminal's whole process group) or SIGTERM to the driver alone (kill,
-    docker stop, `ray job stop`): one line naming the signal and the last committed step, exit
-    128 + signal, nothing of the local Ray left running. After SIGTERM the same command resumes
-    from that step and finishes, and once more it schedules nothing and names the weights it exported."""
-    bucket = s3_server.create_bucket(f"stopped-{how}")
-    env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
-    args = [sys.executable, SCRIPT, "--dry-run", "--no-finetune", "--max-steps", "30", "--checkpoint-every", "5",
-            "--data", f"{bucket}/synth", "--checkpoints", f"{bucket}/run", "--set", "image_size=96",
-            "--set", "metrics_address=off"]
-    checkpoints = "run/vit-mu-4-jft-300m-dry-run/checkpoints"
-    first = started_until_committed(args, env, tmp_path / "first.log", s3_server, bucket.removeprefix("s3://"),
-                                    f"{checkpoints}/step-00000010/manifest.json")  # the second commit
-    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
-    (os.killpg if how == "ctrl-c" else os.kill)(first.pid, signum)
-    assert first.wait(timeout=120) == 128 + signum
-    text = open(tmp_path / "first.log").read()
-    assert "Traceback" not in text, text[-3000:]
-    said = [line for line in text.splitlines() if line.startswith("pretrain.py:")]
-    name = signal.Signals(signum).name
-    assert len(said) == 1 and (match := re.fullmatch(
-        rf"pretrain\.py: interrupted by {name}: the workers were stopped; the last committed checkpoint is step "
-        rf"(\d+) in {re.escape(f'{bucket}/{checkpoints}')}; the same command resumes the run from its last "
-        rf"committed checkpoint", said[0])), said
-    stood = int(match.group(1))
-    assert 10 <= stood < 30
+def test_a_stopped_run_says_where_it_stands_and_the_same_command_finishes_it(s3_server, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group), then SIGTERM to the driver alone
+    (kill, docker stop, `ray job stop`) of the same command, resumed: each time one line naming
+    the signal and the last committed step (the newest manifest), exit 128 + signal, nothing of
+    the local Ray left running. The same command again resumes from that step and finishes, and
+    once more it schedules nothing and names the weights it exported."""
     from data_pipelines.transfer import list_prefix
 
-    committed = sorted(int(k[5:13]) for k in list_prefix(f"{bucket}/{checkpoints}", s3_server.client_factory())
-                       if k.endswith("/manifest.json"))
-    assert committed[-1] == stood, committed
-    time.sleep(1)
-    assert _processes_in_session(first.pid) == []
-    if how == "ctrl-c":
-        return
-    second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    text = second.stdout + second.stderr
-    assert second.returncode == 0, text[-3000:]
-    assert f"resumed from step {stood}" in text and "finished at step 30, loss" in text
-    # Once more: finished, so nothing is scheduled (no Ray, no worker); it names its weights.
+    bucket = s3_server.create_bucket("stopped")
+    env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
+    args = [sys.executable, SCRIPT, "--dry-run", "--no-finetune", "--max-steps", "50", "--checkpoint-every", "5",
+            "--data", f"{bucket}/synth", "--checkpoints", f"{bucket}/run", "--set", "image_size=64",
+            "--set", "metrics_address=off"]
+    checkpoints = "run/vit-mu-4-jft-300m-dry-run/checkpoints"
+
+    def stopped(attempt: str, wait_for_step: int, signum: int, to_group: bool) -> tuple[int, str]:
+        log_path = tmp_path / f"{attempt}.log"
+        run = started_until_committed(args, env, log_path, s3_server, bucket.removeprefix("s3://"),
+                                      f"{checkpoints}/step-{wait_for_step:08d}/manifest.json")
+        (os.killpg if to_group else os.kill)(run.pid, signum)
+        assert run.wait(timeout=120) == 128 + signum
+        text = open(log_path).read()
+        assert "Traceback" not in text, text[-3000:]
+        said = [line for line in text.splitlines() if line.startswith("pretrain.py:")]
+        assert len(said) == 1 and (match := re.fullmatch(
+            rf"pretrain\.py: interrupted by {signal.Signals(signum).name}: the workers were stopped; the last committed "
+            rf"checkpoint is step (\d+) in {re.escape(f'{bucket}/{checkpoints}')}; the same command resumes the run "
+            rf"from its last committed checkpoint", said[0])), said
+        committed = sorted(int(k[5:13]) for k in list_prefix(f"{bucket}/{checkpoints}", s3_server.client_factory())
+                           if k.endswith("/manifest.json"))
+        stood = int(match.group(1))
+        assert wait_for_step <= stood == committed[-1] < 50, (stood, committed)
+        time.sleep(1)
+        assert _processes_in_session(run.pid) == []
+        return stood, text
+
+    first, _ = stopped("first", 10, signal.SIGINT, to_group=True)  # the second commit
+    second, text = stopped("second", first + 10, signal.SIGTERM, to_group=False)  # two commits after resuming
+    assert f"resumed from step {first}" in text
     third = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    again = third.stdout + third.stderr
-    assert third.returncode == 0, again[-3000:]
+    text = third.stdout + third.stderr
+    assert third.returncode == 0, text[-3000:]
+    assert f"resumed from step {second}" in text and "finished at step 50, loss" in text
+    # Once more: finished, so nothing is scheduled (no Ray, no worker); it names its weights.
+    fourth = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    again = fourth.stdout + fourth.stderr
+    assert fourth.returncode == 0, again[-3000:]
     (exported,) = re.findall(r"exported weights to (\S+) \(sha256 (\w+)\)", text)
-    assert (f"nothing to train: the run finished at step 30 (its last checkpoint; it stops at step 30: raise "
+    assert (f"nothing to train: the run finished at step 50 (its last checkpoint; it stops at step 50: raise "
             f"--max-steps or --epochs to go on); its weights: {exported[0]} (sha256 {exported[1]})") in again
     assert "workers, checkpoints in" not in again and "RayTrainWorker" not in again
 
