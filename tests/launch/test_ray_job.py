@@ -4,7 +4,6 @@ k8s/pretrain's RayJob gives KubeRay (a head without CPUs, a worker node, PYTHONP
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,14 +11,10 @@ import tempfile
 import pytest
 import yaml
 
+from tests.conftest import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rayjob_pods() -> tuple[dict, str]:
