@@ -84,38 +84,28 @@ def main(argv: list[str] | None = None) -> int:
     print("config: " + config.model_dump_json(), flush=True)
     from orchestrator import dry_run, pretraining
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _stop)
-
-    try:
-        if config.dry_run:
-            dry_run.run(config)
-        else:
-            pretraining.run_pretraining(config)
-            print("the fine-tuning fan-out is not built yet: pretraining only", flush=True)
-    except ConfigError as err:  # preflight: data, checkpoint location, cluster resources
-        print(f"pretrain.py: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except pretraining.TrainingError as err:  # Interrupted among them: exit 128 + its signal
-        print(f"pretrain.py: {err}", file=sys.stderr)
-        return err.exit_status
-    except KeyboardInterrupt:  # a signal outside training (data, preflight, Ray starting, plots)
-        signum = _signalled[-1] if _signalled else signal.SIGINT
-        print(f"pretrain.py: interrupted by {signal.Signals(signum).name} outside training; the same command "
-              f"starts the run or resumes it from its last committed checkpoint", file=sys.stderr)
-        return 128 + signum
+    # SIGTERM and SIGHUP unwind the driver as Ctrl-C does, so that what it started (the embedded
+    # S3, Prometheus, a local Ray) is stopped on the way out; while it trains, run_pretraining
+    # handles them the same way and says where the run stands.
+    with pretraining.signals_stop_the_run() as received:
+        try:
+            if config.dry_run:
+                dry_run.run(config)
+            else:
+                pretraining.run_pretraining(config)
+                print("the fine-tuning fan-out is not built yet: pretraining only", flush=True)
+        except ConfigError as err:  # preflight: data, checkpoint location, cluster resources
+            print(f"pretrain.py: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except pretraining.TrainingError as err:  # Interrupted among them: exit 128 + its signal
+            print(f"pretrain.py: {err}", file=sys.stderr)
+            return err.exit_status
+        except KeyboardInterrupt:  # a signal outside training (data, preflight, Ray starting, plots)
+            signum = received[-1] if received else signal.SIGINT
+            print(f"pretrain.py: interrupted by {signal.Signals(signum).name} outside training; the same command "
+                  f"starts the run or resumes it from its last committed checkpoint", file=sys.stderr)
+            return 128 + signum
     return 0
-
-
-_signalled: list[int] = []
-
-
-def _stop(signum, frame):
-    """SIGTERM and SIGHUP unwind the driver as Ctrl-C does, so that what it started (the embedded
-    S3, Prometheus, a local Ray) is stopped on the way out. While it trains, run_pretraining
-    handles them (orchestrator/pretraining.py signals_stop_the_run) and says where the run stands."""
-    _signalled.append(signum)
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

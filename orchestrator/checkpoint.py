@@ -665,15 +665,7 @@ class CheckpointManager:
             delete_prefix(url, self.factory)
 
     def _list_steps(self) -> tuple[list[int], list[int]]:
-        """(steps with a manifest, steps with files but no manifest)."""
-        steps: dict[int, bool] = {}
-        for name in list_prefix(self.url, self.factory):
-            top, _, rest = name.partition("/")
-            match = _STEP_DIR.match(top)
-            if match:
-                step = int(match.group(1))
-                steps[step] = steps.get(step, False) or rest == MANIFEST
-        return sorted(s for s, c in steps.items() if c), sorted(s for s, c in steps.items() if not c)
+        return list_steps(self.url, self.factory)
 
     # --- restoring ---------------------------------------------------------------------------
 
@@ -911,6 +903,24 @@ def fits_in_memory(size: int, room: int | None) -> bool:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def list_steps(url: str, factory: S3ClientFactory | None = None) -> tuple[list[int], list[int]]:
+    """Under a checkpoint URL: (steps with a manifest, steps with files but no manifest)."""
+    steps: dict[int, bool] = {}
+    for name in list_prefix(url.rstrip("/"), factory):
+        top, _, rest = name.partition("/")
+        match = _STEP_DIR.match(top)
+        if match:
+            step = int(match.group(1))
+            steps[step] = steps.get(step, False) or rest == MANIFEST
+    return sorted(s for s, c in steps.items() if c), sorted(s for s, c in steps.items() if not c)
+
+
+def committed_steps(url: str, factory: S3ClientFactory | None = None) -> list[int]:
+    """The committed checkpoints' steps under a checkpoint URL, oldest first (no manager needed:
+    the driver asks, e.g. where a stopped run stands)."""
+    return list_steps(url, factory)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,13 +279,13 @@ def finished_run(config: PretrainConfig) -> dict | None:
 
     from data_pipelines.s3 import DataSourceError
     from data_pipelines.storage import read_bytes
-    from orchestrator.checkpoint import CheckpointManager
+    from orchestrator.checkpoint import committed_steps
     from orchestrator.train_loop import checkpoint_url, weights_record_url
 
     try:
         record = json.loads(read_bytes(weights_record_url(config)))
         record = {"step": int(record["step"]), "sha256": str(record["sha256"]), "weights": str(record["weights"])}
-        steps = CheckpointManager(checkpoint_url(config), staging_dir=tempfile.gettempdir()).committed_steps()
+        steps = committed_steps(checkpoint_url(config))
     except (DataSourceError, ValueError, KeyError, TypeError):  # none yet, or unreadable: the workers decide
         return None
     return record if steps and steps[-1] == record["step"] >= config.steps else None
@@ -293,12 +293,12 @@ def finished_run(config: PretrainConfig) -> dict | None:
 
 def where_it_stands(config: PretrainConfig) -> str:
     """The run's last committed checkpoint, said for someone who just stopped it."""
-    from orchestrator.checkpoint import CheckpointManager
+    from orchestrator.checkpoint import committed_steps
     from orchestrator.train_loop import checkpoint_url
 
     url = checkpoint_url(config)
     try:
-        steps = CheckpointManager(url, staging_dir=tempfile.gettempdir()).committed_steps()
+        steps = committed_steps(url)
     except Exception as error:  # the store is unreachable now: say so, do not hide the interruption
         return f"its checkpoints in {url} could not be listed ({type(error).__name__})"
     return f"the last committed checkpoint is step {steps[-1]} in {url}" if steps else f"no checkpoint was committed yet in {url}"

@@ -86,14 +86,18 @@ def checkpoint_url(config: PretrainConfig) -> str:
     return join_location(join_location(config.checkpoints, config.run_name), "checkpoints")
 
 
+def _weights_file(config: PretrainConfig, name: str) -> str:
+    return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), name)
+
+
 def weights_url(config: PretrainConfig) -> str:
-    return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), "model.safetensors")
+    return _weights_file(config, "model.safetensors")
 
 
 def weights_record_url(config: PretrainConfig) -> str:
     """Beside the weights, written after them: {"step", "sha256", "weights"}. The driver reads it
     to see that a run is finished without scheduling anything (pretraining.finished_run)."""
-    return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), "model.json")
+    return _weights_file(config, "model.json")
 
 
 def train_loop(config: dict[str, Any]) -> None:
