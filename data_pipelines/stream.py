@@ -49,12 +49,21 @@ from its start and discards what was consumed. A connection dropped mid-shard is
 and resumes after the last sample handed on (STREAM_RETRIES times) before the rest of the
 shard is reported missing. A prefix without a manifest still streams, but its shards
 (sample counts unknown) are handed out whole, not split.
+
+Held-out parts (`keep=KeySplit(fraction, part)`): a sample is in the held-out part when the
+first 8 bytes of sha256(key), read as a fraction of 2**64, fall below `fraction`. The choice
+depends on the key alone, never on a shard or a position, so rewriting the same samples with
+another shard size, another shard order or another number of writers holds out the very same
+samples; the part is about, not exactly, `fraction` of the samples (a 2% part of CIFAR's
+50,000 is 1,000 +- 31). Samples of the other part are read past without being decoded and
+count as consumed, so the data position keeps its guarantee.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -86,6 +95,27 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return (BotoCoreError, HTTPError, OSError)
 
 Range = tuple[int, int, int | None]  # (shard index, first position, end position or None: to the end)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySplit:
+    """A deterministic part of a data set, by sample key (module docstring): "holdout" is the
+    held-out `fraction`, "train" the rest, "all" everything."""
+
+    fraction: float
+    part: str = "all"
+
+    def __post_init__(self):
+        if self.part not in ("all", "train", "holdout"):
+            raise ValueError(f"part {self.part!r}: one of all, train, holdout")
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"fraction {self.fraction!r}: must be in [0, 1)")
+
+    def __call__(self, key: str) -> bool:
+        if self.part == "all":
+            return True
+        held_out = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < self.fraction * 2**64
+        return held_out == (self.part == "holdout")
 
 
 # ---- the epoch's plan ---------------------------------------------------------------------
@@ -230,7 +260,8 @@ class _RankDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, base: str, manifest: Manifest, pieces: list[list[Range]], rank: int, workers: int,
                  batch_size: int, augmentation: Augmentation, seed: int, epoch: int, factory: S3ClientFactory,
-                 labels: bool = True):
+                 labels: bool = True, keep: KeySplit | None = None):
+        self.keep = keep
         self.base, self.manifest, self.pieces = base, manifest, pieces
         self.rank, self.workers, self.batch_size = rank, workers, batch_size
         self.augmentation, self.seed, self.epoch, self.factory = augmentation, seed, epoch, factory
@@ -257,6 +288,8 @@ class _RankDataset(torch.utils.data.IterableDataset):
         for shard, start, end in piece:
             for position, key, files in self._read_range(shard, start, end, progress):
                 progress.mark(shard, position, position + 1)
+                if self.keep is not None and not self.keep(key):
+                    continue
                 if images is None:  # filled in place, in shared memory when this is a worker process
                     images = _batch_buffer((self.batch_size, size, size, 3), shared=info is not None)
                 result = self._decode(key, files, images.numpy()[len(keys)])
@@ -352,12 +385,15 @@ class ShardLoader:
         pin_memory: batches in page-locked memory (the DataLoader's pin thread), so that their
             copy to a GPU runs asynchronously (`.to(device, non_blocking=True)`); for GPU
             workers (torch ignores it, with a warning, where there is no accelerator).
+        keep: a `KeySplit`: only the samples of that part are decoded and handed out.
     """
 
     def __init__(self, source: str, *, batch_size: int, augmentation: str | Augmentation = "pretrain",
                  image_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, prefetch_factor: int = 2, factory: S3ClientFactory | None = None,
-                 labels: bool = True, dtype: str = "float32", pin_memory: bool = False):
+                 labels: bool = True, dtype: str = "float32", pin_memory: bool = False,
+                 keep: KeySplit | None = None):
+        self.keep = keep
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
@@ -409,7 +445,7 @@ class ShardLoader:
         order = epoch_shard_order(len(self.manifest.shards), self.seed, self.epoch)
         pieces = split_ranges(remaining_ranges(self.manifest, order, self.consumed), self.world_size * workers)
         body = _RankDataset(self.base, self.manifest, pieces, self.rank, workers, self.batch_size,
-                            self.augmentation, self.seed, self.epoch, self.factory, self.labels)
+                            self.augmentation, self.seed, self.epoch, self.factory, self.labels, self.keep)
         loader = torch.utils.data.DataLoader(
             body, batch_size=None, num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None, pin_memory=self.pin_memory,

@@ -7,7 +7,9 @@
 * `classification`: each class is a hue plus a stripe orientation, with noise; a small model
   learns it in a few hundred steps.
 * `multi_label`: up to three coloured squares on grey; the label is the set of colours present.
-* `digits`: scikit-learn's 1,797 real 8x8 handwritten digits, upscaled (PNG).
+* `digits`: scikit-learn's 1,797 real 8x8 handwritten digits, upscaled (PNG); `split="train"`
+  or `"test"` takes a fixed part: every fifth image (index 0, 5, 10, ...: 360) is test, the
+  other 1,437 train.
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ def multi_label_samples(num_samples: int, num_classes: int = 6, image_size: int 
         yield Sample(f"multilabel{i:07d}", _jpeg(np.clip(pixels, 0, 255).astype(np.uint8)), "jpg", present)
 
 
-def digits_samples(image_size: int = 64) -> Iterator[Sample]:
+DIGITS_TEST_EVERY = 5  # digits' fixed test split: every fifth image
+
+
+def digits_samples(image_size: int = 64, split: str | None = None) -> Iterator[Sample]:
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        if split is not None and (i % DIGITS_TEST_EVERY == 0) != (split == "test"):
+            continue
         grey = Image.fromarray((image * (255 / 16)).astype(np.uint8)).resize((image_size, image_size), Image.Resampling.BILINEAR)
         yield Sample(f"digit{i:05d}", _png(np.asarray(grey.convert("RGB"))), "png", int(label))
 
@@ -89,8 +96,10 @@ def write_synthetic(
     seed: int = 0,
     factory: S3ClientFactory | None = None,
     progress: bool = False,
+    split: str | None = None,
 ) -> WriteSummary:
-    """Writes one of the generated sets (`classification`, `multi_label`, `digits`) as shards."""
+    """Writes one of the generated sets (`classification`, `multi_label`, `digits`) as shards;
+    `split` ("train" or "test") takes digits' fixed part of that name (module docstring)."""
     if kind == "classification":
         num_classes = num_classes or 10
         samples, label_kind = classification_samples(num_samples, num_classes, image_size, seed), "class"
@@ -104,7 +113,9 @@ def write_synthetic(
         samples = (dataclasses.replace(s, label=None) for s in classification_samples(num_samples, num_classes, image_size, seed))
         label_kind, total = "none", num_samples
     elif kind == "digits":
-        num_classes, samples, label_kind, total = 10, digits_samples(image_size), "class", 1797
+        test = len(range(0, 1797, DIGITS_TEST_EVERY))
+        total = {None: 1797, "test": test, "train": 1797 - test}[split]
+        num_classes, samples, label_kind = 10, digits_samples(image_size, split), "class"
     else:
         raise ValueError(f"unknown synthetic set {kind!r}: classification, multi_label, unlabeled or digits")
     class_names = [str(c) for c in range(num_classes)] if kind == "digits" else [f"class{c}" for c in range(num_classes)]

@@ -1,12 +1,19 @@
-"""Turn an image folder into webdataset shards plus a manifest, in a folder or on S3.
+"""Turn an image folder or a downloaded fine-tuning dataset into webdataset shards plus a manifest.
 
     python launch/make_shards.py --input /data/imagenet/train --output s3://bucket/imagenet/train \
         --samples-per-shard 1000 --resize-shorter 512 --workers 8
+    python launch/make_shards.py --input cifar-10-batches-py --output s3://bucket/cifar10
+    python launch/make_shards.py --input vtab-1k/caltech101 --output s3://bucket/vtab/caltech101
 
-DIR is an ImageFolder tree (one subfolder per class) or a folder of images with labels.json
-(file name -> list of class names) for multi-label data; see data_pipelines/shard_writer.py.
-S3 is configured the standard boto3 way (AWS_ENDPOINT_URL, AWS_PROFILE, IAM roles).
-Errors print one line and exit with status 2.
+--format (default auto, told from the input folder's files):
+  imagefolder  an ImageFolder tree (one subfolder per class) or a folder of images with
+               labels.json (file name -> list of class names); see data_pipelines/shard_writer.py.
+  cifar        cifar-10-batches-py/ or cifar-100-python/ (the python pickles): writes
+               OUTPUT/train/ and OUTPUT/test/; see data_pipelines/downstream.py.
+  vtab         a VTAB-1k task folder (images plus train800.txt, val200.txt, train800val200.txt,
+               test.txt): writes OUTPUT/train800/, val200/, train800val200/, test/.
+One summary line is printed per folder written. S3 is configured the standard boto3 way
+(AWS_ENDPOINT_URL, AWS_PROFILE, IAM roles). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.s3 import DataSourceError  # noqa: E402
+from data_pipelines.downstream import FORMATS, detect_format, write_downstream  # noqa: E402
 from data_pipelines.shard_writer import ShardWriteError, make_shards  # noqa: E402
 
 EXIT_USAGE = 2
@@ -38,25 +46,33 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _OneLineParser(prog="make_shards.py", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="ImageFolder tree, or a folder of images with labels.json")
-    p.add_argument("--output", required=True, help="a folder or s3://bucket/prefix")
+    p.add_argument("--input", required=True,
+                   help="ImageFolder tree, folder of images with labels.json, CIFAR python folder or VTAB-1k task folder")
+    p.add_argument("--output", required=True, help="a folder or s3://bucket/prefix (CIFAR, VTAB: one below it per split)")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input layout (default: told from its files)")
     p.add_argument("--samples-per-shard", type=_positive, default=1000)
     p.add_argument("--resize-shorter", type=_positive, default=None, metavar="PX",
                    help="shrink images whose shorter side exceeds PX (bytes are kept unchanged otherwise)")
-    p.add_argument("--workers", type=_positive, default=1, help="processes decoding and checking images")
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="processes decoding and checking images (CIFAR: unused)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    fmt = detect_format(args.input) if args.format == "auto" else args.format
     try:
-        summary = make_shards(args.input, args.output, samples_per_shard=args.samples_per_shard,
-                              resize_shorter=args.resize_shorter, workers=args.workers)
+        if fmt == "imagefolder":
+            print(make_shards(args.input, args.output, samples_per_shard=args.samples_per_shard,
+                              resize_shorter=args.resize_shorter, workers=args.workers).line())
+        else:
+            write_downstream(args.input, args.output, fmt, samples_per_shard=args.samples_per_shard,
+                             resize_shorter=args.resize_shorter, workers=args.workers,
+                             report=lambda summary: print(summary.line(), flush=True))
     except (ShardWriteError, DataSourceError) as error:
         print(f"make_shards.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(summary.line())
     return 0
 
 

@@ -964,6 +964,35 @@ def export_weights(engine, url: str, *, metadata: dict[str, str] | None = None, 
     return upload_file(path, url, factory)
 
 
+class WeightsError(ValueError):
+    """Weights that cannot be loaded: not there, not what their record says, not safetensors."""
+
+
+def load_exported_weights(model: torch.nn.Module, url: str, *, sha256: str | None = None,
+                          factory: S3ClientFactory | None = None) -> None:
+    """Load a vitscale export (export_weights) into `model`, adapted to it (model/convert.py:
+    pre-logits dropped and a zero head where the class count differs, position embeddings
+    resized to the model's grid). safetensors holds tensors only: nothing is unpickled. With
+    `sha256`, the bytes must be those the export's record names (a run exported anew since,
+    or a truncated download, is refused rather than fine-tuned)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from model import adapt_pretrained
+
+    try:
+        data = read_bytes(url, factory)
+    except DataSourceError as error:
+        raise WeightsError(str(error)) from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise WeightsError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()[:12]} is not the {sha256[:12]} its record names")
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise WeightsError(f"{url}: not a safetensors file ({error})") from None
+    model.load_state_dict(adapt_pretrained(state, model), strict=True)
+
+
 def canonical_safetensors_header(path: str) -> None:
     """Rewrite a safetensors file's header in place with its metadata in key order.
 

@@ -120,12 +120,13 @@ class PretrainConfig(BaseModel):
     metrics_address: str = "node"
     metrics_port: int = Field(default=9400, ge=1, le=65000)
     peak_flops: float | None = Field(default=None, gt=0.0)  # per device, for MFU; None: datasheet or measured
-    finetune: bool = True
+    finetune: bool = True  # the fine-tuning fan-out when pretraining ends (orchestrator/finetuning.py)
+    finetune_data: str | None = None  # its data root: <root>/cifar10/{train,test}/, ... (README)
     dry_run: bool = False
     recipe_model: str  # the table row the settings come from (a debug twin's paper twin)
     overrides: tuple[str, ...] = ()  # fields set explicitly, winning over the recipe
 
-    @field_validator("data", "checkpoints")
+    @field_validator("data", "checkpoints", "finetune_data")
     @classmethod
     def _bucket_name_is_valid(cls, url: str | None) -> str | None:
         if url and url.startswith("s3://"):
@@ -379,9 +380,7 @@ def resolve_finetune_config(model: str, dataset: str, overrides: dict[str, Any] 
         "weight_decay": shared.weight_decay,
         "grad_clip_norm": shared.grad_clip_norm,
         "lr_decay": shared.lr_decay,
-        # The official code warms up 500 steps; the 500-step runs (Pets, Flowers) would then
-        # never decay, so the warm-up is capped at a tenth of the run.
-        "warmup_steps": min(shared.warmup_steps, row.steps // 10),
+        "warmup_steps": row.warmup_steps,
     }
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     fixed = {"model", "dataset", "overrides"}
@@ -394,3 +393,30 @@ def resolve_finetune_config(model: str, dataset: str, overrides: dict[str, Any] 
         return FinetuneConfig(**values)
     except pydantic.ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+
+
+class TrialConfig(PretrainConfig):
+    """One fine-tuning trial as its workers run it, through the pretraining worker
+    (orchestrator/train_loop.py): a training run of its own (run_name, data, checkpoints, the
+    batch split, the schedule) plus what fine-tuning changes: SGD with momentum, the exported
+    weights it starts from (pre-logits dropped, a zero head, position embeddings resized),
+    the part of the data it trains on, and the evaluation that ends it with result.json."""
+
+    optimizer: Literal["adam", "sgd"] = "sgd"  # type: ignore[assignment]
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    trial: str  # "<dataset>/<stage>-lr<lr>", for people
+    stage: Literal["sweep", "final"]
+    trial_url: str  # the trial's folder: checkpoints/, result.json, weights/ (final trials)
+    weights: str  # the pretraining export it starts from
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Which samples of `data` it trains on and of `eval_data` it is scored on: "all", or the
+    # two sides of the held-out part, chosen by a hash of each sample's key
+    # (data_pipelines.stream.KeySplit): "train" is the rest, "holdout" the part itself.
+    holdout_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    train_part: Literal["all", "train", "holdout"] = "all"
+    eval_data: str
+    eval_part: Literal["all", "train", "holdout"] = "all"
+    train_split: str  # the two splits as the plan names them
+    eval_split: str
+    flip: bool = True
+    random_crop: bool = True

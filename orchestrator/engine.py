@@ -16,28 +16,41 @@ from orchestrator.config import PretrainConfig
 
 
 def deepspeed_config(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]:
+    """The engine's config. Fine-tuning trials (TrialConfig, optimizer "sgd") bring their own
+    torch SGD instead of the "optimizer" block (build_engine)."""
+    if config.optimizer == "sgd":
+        # ZeRO partitions any torch optimizer's state; DeepSpeed only asks that one it has not
+        # tested be allowed explicitly.
+        return {**_engine_settings(config, use_gpu=use_gpu), "zero_allow_untested_optimizer": True}
+    return {**_engine_settings(config, use_gpu=use_gpu), "optimizer": _adamw(config, use_gpu=use_gpu)}
+
+
+def _adamw(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]:
+    return {
+        "type": "AdamW",
+        "params": {
+            "lr": config.base_lr,
+            "betas": [config.adam_beta1, config.adam_beta2],
+            "eps": 1e-8,
+            "weight_decay": config.weight_decay,
+            # On CPUs torch's AdamW avoids JIT-building DeepSpeed's CPU Adam; GPUs use
+            # DeepSpeed's fused Adam in AdamW mode.
+            "torch_adam": not use_gpu,
+            # torch's fused CPU kernel: one pass over parameter, moments and gradient where
+            # the default for CPU tensors (neither fused nor foreach) makes ~8 passes and
+            # two temporaries of the parameters' size. ViT-S/16's update, ZeRO-1 (one flat
+            # 22M-element fp32 partition), 2 cores: 86 -> 8 ms.
+            **({} if use_gpu else {"fused": True}),
+        },
+    }
+
+
+def _engine_settings(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]:
     return {
         "train_batch_size": config.global_batch_size,
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "gradient_clipping": config.grad_clip_norm,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": config.base_lr,
-                "betas": [config.adam_beta1, config.adam_beta2],
-                "eps": 1e-8,
-                "weight_decay": config.weight_decay,
-                # On CPUs torch's AdamW avoids JIT-building DeepSpeed's CPU Adam; GPUs use
-                # DeepSpeed's fused Adam in AdamW mode.
-                "torch_adam": not use_gpu,
-                # torch's fused CPU kernel: one pass over parameter, moments and gradient where
-                # the default for CPU tensors (neither fused nor foreach) makes ~8 passes and
-                # two temporaries of the parameters' size. ViT-S/16's update, ZeRO-1 (one flat
-                # 22M-element fp32 partition), 2 cores: 86 -> 8 ms.
-                **({} if use_gpu else {"fused": True}),
-            },
-        },
         # DeepSpeed's bf16 overflow check is a serial pass over every gradient before each
         # update: 16.7 ms of a 103 ms ViT-B/16 step (batch 256) on an H200, MFU 0.265 -> 0.309
         # without it. bf16 has fp32's range, so loss scaling needs no such check; the worker
@@ -85,8 +98,16 @@ def build_engine(config: PretrainConfig, *, use_gpu: bool):
         dropout=config.dropout,
         masked_patch_prediction=config.objective == "masked-patch",
     )
+    optimizer = None
+    if config.optimizer == "sgd":  # a fine-tuning trial: from the exported weights, with SGD
+        from orchestrator.checkpoint import load_exported_weights
+
+        load_exported_weights(model, config.weights, sha256=config.weights_sha256)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.base_lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(config, use_gpu=use_gpu)
+        model=model, model_parameters=model.parameters(), optimizer=optimizer,
+        config=deepspeed_config(config, use_gpu=use_gpu)
     )
     if config.torch_compile:
         # nn.Module.compile in place: the state dict keeps its keys, so checkpoints of compiled

@@ -34,19 +34,23 @@ def panel_targets(panel: dict) -> list[dict]:
 
 def dashboard_panels(path: str = DASHBOARD, *, run: str = ".*") -> list[tuple[str, list[str], list[str]]]:
     """[(panel title, [PromQL of each target], [legend format of each])], Grafana's variables filled in: `run=~"$run"`
-    becomes `run="<run>"` (or matches every run for ".*"), `$__rate_interval` RATE_INTERVAL."""
+    becomes `run="<run>"` (or matches every run for ".*"), `$run` within a longer regex (the fan-out's trials,
+    `run=~"$run-ft-.*"`) the run's name escaped, `$__rate_interval` RATE_INTERVAL."""
     with open(path) as f:
         dashboard = json.load(f)
     exact = run != ".*"
+    # A run name is not a regex ('.' in it): match it exactly. In a longer regex its
+    # punctuation is escaped, the backslash doubled for the PromQL string.
+    literal = re.sub(r"([^A-Za-z0-9_-])", r"\\\\\1", run) if exact else run
     found = []
     for panel in panels(dashboard):
         targets = panel_targets(panel)
         if not targets:
             continue
         exprs = [t["expr"] for t in targets]
-        if exact:  # a run name is not a regex ('.' and '-' in it), so match it exactly
+        if exact:
             exprs = [re.sub(r'run\s*=~\s*"\$\{?run\}?"', f'run="{run}"', e) for e in exprs]
-        exprs = [e.replace("${run}", run).replace("$run", run)
+        exprs = [e.replace("${run}", literal).replace("$run", literal)
                  .replace("${__rate_interval}", RATE_INTERVAL).replace("$__rate_interval", RATE_INTERVAL) for e in exprs]
         found.append((panel.get("title", "untitled"), exprs, [t.get("legendFormat", "") for t in targets]))
     return found

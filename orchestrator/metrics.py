@@ -1,8 +1,16 @@
 """Prometheus metrics of a run: one table of families, served over HTTP by every worker and the driver.
 
 Every family is prefixed `vitscale_`. Worker families carry the labels `run`, `rank`, `node`;
-driver families carry `run` (and `vitscale_run_info` also `model`, `dataset`). Nothing
-unbounded (no step, no key, no pid) is ever a label value.
+driver families carry `run` and the labels of their own the table lists (`vitscale_run_info`
+its `model` and `dataset`). Nothing unbounded (no step, no key, no pid, no error text) is ever
+a label value.
+
+The pretraining driver serves run info, workers and restarts (DriverMetrics). The fine-tuning
+fan-out's driver serves the `vitscale_finetune_*` families (FanoutMetrics) under the
+pretraining run's name: trials by `state` (four states) and accuracies by downstream `dataset`
+(the fan-out's fixed list of names, such as "CIFAR10" or "VTAB/Caltech101"). Each trial is a
+training run of its own whose workers serve the worker families under the trial's run name,
+`<run>-ft-<dataset slug>-<stage>-lr<lr>`: a few dozen names per run (at most ~44), bounded too.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ class Family:
     kind: str        # counter | gauge | histogram
     help: str
     source: str      # worker | driver
+    labels: tuple[str, ...] = ()  # beyond WORKER_LABELS / DRIVER_LABELS (gauges only); each bounded
 
 
 WORKER_LABELS = ("run", "rank", "node")
@@ -52,12 +61,26 @@ FAMILIES: tuple[Family, ...] = (
            "Unix time the newest checkpoint committed; the worker's start time until one does.", "worker"),
     # lifecycle
     Family("vitscale_worker_start_time_seconds", "gauge", "Unix time this worker process started training.", "worker"),
-    Family("vitscale_run_info", "gauge", "Always 1; labels name the run's model and dataset.", "driver"),
+    Family("vitscale_run_info", "gauge", "Always 1; labels name the run's model and dataset.", "driver",
+           ("model", "dataset")),
     Family("vitscale_workers", "gauge", "Training workers the run asked for.", "driver"),
     Family("vitscale_restarts_total", "counter", "Times the worker group was started again after a failure.", "driver"),
+    # the fine-tuning fan-out (its driver's; `run` is the pretraining run)
+    Family("vitscale_finetune_trials", "gauge",
+           "Fine-tuning trials of the fan-out in each state (pending, running, done, failed).", "driver", ("state",)),
+    Family("vitscale_finetune_best_heldout_accuracy", "gauge",
+           "Best held-out accuracy (fraction) of the dataset's learning-rate sweep so far.", "driver", ("dataset",)),
+    Family("vitscale_finetune_test_accuracy", "gauge",
+           "Test accuracy (fraction) of the dataset's final trial, once it finished.", "driver", ("dataset",)),
 )
 
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
+# What each exporter serves. DriverMetrics adds run info and restarts, which it builds itself.
+WORKER_FAMILIES = tuple(f.name for f in FAMILIES if f.source == "worker")
+FANOUT_FAMILIES = tuple(n for n in FAMILY_NAMES if n.startswith("vitscale_finetune_"))
+DRIVER_FAMILIES = tuple(f.name for f in FAMILIES if f.source == "driver" and f.name not in FANOUT_FAMILIES
+                        and f.name not in ("vitscale_run_info", "vitscale_restarts_total"))
+TRIAL_STATES = ("pending", "running", "done", "failed")
 
 # Histogram buckets (seconds), from a fast CPU step to a slow checkpoint of a huge model.
 BUCKETS = {
@@ -129,13 +152,11 @@ def accelerator_memory(device: "torch.device") -> tuple[int, int]:
     return resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-_COLLECTED_AT_SCRAPE = ("vitscale_run_info", "vitscale_restarts_total")  # DriverMetrics builds these
-
-
 class _Exporter:
-    """A private registry served over HTTP; `log(metrics, step)` / `close()` like any logger."""
+    """A private registry of `families` served over HTTP; `log(metrics, step)` / `close()` like
+    any logger. `labels` are the values every series carries (run, and rank and node on a worker)."""
 
-    def __init__(self, source: str, labels: dict[str, str], *, address: str | None, port: int):
+    def __init__(self, families: tuple[str, ...], labels: dict[str, str], *, address: str | None, port: int):
         from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                        disable_created_metrics)
 
@@ -146,10 +167,8 @@ class _Exporter:
         PlatformCollector(registry=self.registry)
         self._metrics: dict[str, Any] = {}
         self._totals: dict[str, float] = {}
-        for family in FAMILIES:
-            if family.source != source or family.name in _COLLECTED_AT_SCRAPE:
-                continue
-            names = tuple(labels)
+        for family in map(_family, families):
+            names = tuple(labels) + family.labels
             if family.kind == "counter":
                 metric = Counter(family.name.removesuffix("_total"), family.help, names, registry=self.registry)
             elif family.kind == "histogram":
@@ -157,7 +176,8 @@ class _Exporter:
             else:
                 metric = Gauge(family.name, family.help, names, registry=self.registry)
             # Counters and histograms start at zero; a gauge appears once it has a value (a loss
-            # of 0 before the first step would be a lie on the dashboard).
+            # of 0 before the first step would be a lie on the dashboard). A family with labels of
+            # its own is a gauge, set through `_child`.
             self._metrics[family.name] = (family.kind, metric.labels(**labels) if family.kind != "gauge" else metric)
         self.address, self.port, self._server = address, port, None
         if address is not None:
@@ -195,6 +215,10 @@ class _Exporter:
     def url(self) -> str | None:
         return None if self._server is None else f"http://{self.address}:{self._server.server_port}/metrics"
 
+    def _child(self, name: str, **labels: str):
+        """The series of gauge `name` with these values of its own labels."""
+        return self._metrics[name][1].labels(**self.labels, **labels)
+
     def log(self, metrics: dict[str, float | list[float]], step: int | None = None) -> None:
         """Keys are family names: a gauge is set, a histogram observes the value (or each value
         of a list), a counter is given its running total and advances by the difference."""
@@ -226,7 +250,7 @@ class WorkerMetrics(_Exporter):
     """One training worker's families, labelled run / rank / node."""
 
     def __init__(self, run: str, rank: int, node: str, *, address: str | None, port: int):
-        super().__init__("worker", {"run": run, "rank": str(rank), "node": node}, address=address, port=port)
+        super().__init__(WORKER_FAMILIES, {"run": run, "rank": str(rank), "node": node}, address=address, port=port)
 
 
 class DriverMetrics(_Exporter):
@@ -239,8 +263,9 @@ class DriverMetrics(_Exporter):
         from prometheus_client import Gauge
         from prometheus_client.registry import Collector
 
-        super().__init__("driver", {"run": run}, address=None, port=port)
-        Gauge("vitscale_run_info", _family("vitscale_run_info").help, ("run", "model", "dataset"),
+        super().__init__(DRIVER_FAMILIES, {"run": run}, address=None, port=port)
+        info = _family("vitscale_run_info")
+        Gauge(info.name, info.help, DRIVER_LABELS + info.labels,
               registry=self.registry).labels(run=run, model=model, dataset=dataset).set(1)
         self.log({"vitscale_workers": workers})
 
@@ -259,6 +284,35 @@ class DriverMetrics(_Exporter):
         self.address = address
         if address is not None:
             self._serve()
+
+
+class FanoutMetrics(_Exporter):
+    """The fine-tuning fan-out driver's families, labelled with the pretraining run's name (the
+    trials' own workers serve the worker families under their trial run names).
+
+        metrics = FanoutMetrics("vit-b-16-jft-300m", address=bind_address(setting), port=metrics_port(9400, None))
+        metrics.set_trials(pending=40, running=4, done=0, failed=0)
+        metrics.set_best_heldout("CIFAR10", 0.981)
+        metrics.set_test_accuracy("CIFAR10", 0.985)
+
+    Accuracies are fractions. A dataset's accuracy series appears once it is first set."""
+
+    def __init__(self, run: str, *, address: str | None, port: int):
+        super().__init__(FANOUT_FAMILIES, {"run": run}, address=address, port=port)
+
+    def set_trials(self, pending: int, running: int, done: int, failed: int) -> None:
+        """How many trials are in each state now; from the first call on, all four states are
+        served, 0 included (the alert on failed trials also resolves on a 0)."""
+        for state, count in zip(TRIAL_STATES, (pending, running, done, failed)):
+            self._child("vitscale_finetune_trials", state=state).set(count)
+
+    def set_best_heldout(self, dataset: str, accuracy: float) -> None:
+        """The best held-out accuracy among `dataset`'s finished sweep trials so far."""
+        self._child("vitscale_finetune_best_heldout_accuracy", dataset=dataset).set(accuracy)
+
+    def set_test_accuracy(self, dataset: str, accuracy: float) -> None:
+        """The test accuracy of `dataset`'s final trial."""
+        self._child("vitscale_finetune_test_accuracy", dataset=dataset).set(accuracy)
 
 
 def _family(name: str) -> Family:

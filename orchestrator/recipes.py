@@ -121,7 +121,6 @@ class FinetuneShared:
     weight_decay: float = 0.0
     grad_clip_norm: float = 1.0
     lr_decay: str = "cosine"
-    warmup_steps: int = 500  # the official code's warm-up
     image_size: int = 384
 
 
@@ -139,7 +138,10 @@ class FinetuneRecipe:
     # Part of the training set held out to pick the LR (PAPER.md). VTAB-1k tasks instead
     # split their 1000 training examples into 800 train + 200 validation.
     holdout_fraction: float
+    warmup_steps: int
     vtab_group: str | None = None  # "natural", "specialized" or "structured" for VTAB tasks
+    flip: bool = True  # horizontal flips in the train augmentation
+    random_crop: bool = True  # inception crop in the train augmentation (else the whole image, resized)
 
 
 HOLDOUT_FRACTIONS = {
@@ -159,6 +161,27 @@ VTAB_TASKS = {
     ),
 }
 VTAB_TRAIN_EXAMPLES, VTAB_VAL_EXAMPLES = 800, 200
+VTAB_PREFIX = "VTAB/"  # a VTAB task's dataset name is "VTAB/<task>"
+
+# Warm-up steps as big_vision's configs/transfer.py and scenic's VTAB configs set them: 500
+# for the long runs, 100 for the 500-step runs (Pets, Flowers), 200 for VTAB's 2500 steps.
+FINETUNE_WARMUP = {
+    "ImageNet": 500, "CIFAR100": 500, "CIFAR10": 500, "Oxford-IIIT Pets": 100, "Oxford Flowers-102": 100,
+    "VTAB": 200,
+}
+
+# VTAB tasks whose label a train augmentation would change (PAPER.md, from big_vision's VTAB
+# configs): (flip, random crop). A mirror image flips an orientation or a horizontal position;
+# a crop moves positions and drops objects that a count or a distance depends on.
+VTAB_AUGMENTATION = {
+    "dSprites/location": (False, False),
+    "dSprites/orientation": (False, False),
+    "SmallNORB/azimuth": (False, True),
+    "Clevr/count": (True, False),
+    "Clevr/distance": (True, False),
+    "DMLab": (True, False),
+    "KITTI/distance": (True, False),
+}
 
 
 def expand_models(pattern: str) -> tuple[str, ...]:
@@ -192,10 +215,13 @@ def _build_finetune_recipes() -> dict[str, FinetuneRecipe]:
             for group, tasks in VTAB_TASKS.items():
                 for task in tasks:
                     holdout = VTAB_VAL_EXAMPLES / (VTAB_TRAIN_EXAMPLES + VTAB_VAL_EXAMPLES)
-                    recipes[task] = FinetuneRecipe(task, steps, grid, FINETUNE_CLASSES[task], holdout, group)
+                    flip, crop = VTAB_AUGMENTATION.get(task, (True, True))
+                    recipes[VTAB_PREFIX + task] = FinetuneRecipe(
+                        VTAB_PREFIX + task, steps, grid, FINETUNE_CLASSES[task], holdout, FINETUNE_WARMUP["VTAB"],
+                        group, flip, crop)
         else:
             recipes[dataset] = FinetuneRecipe(
-                dataset, steps, grid, FINETUNE_CLASSES[dataset], HOLDOUT_FRACTIONS[dataset]
+                dataset, steps, grid, FINETUNE_CLASSES[dataset], HOLDOUT_FRACTIONS[dataset], FINETUNE_WARMUP[dataset]
             )
     return recipes
 

@@ -34,16 +34,19 @@ import torch
 
 from data_pipelines.s3 import join_location
 from orchestrator.checkpoint import CheckpointError, CheckpointManager
-from orchestrator.config import PretrainConfig
+from orchestrator.config import PretrainConfig, TrialConfig
 from orchestrator.objectives import classification_loss
 from orchestrator.schedule import learning_rate
 
 NONFINITE_ROLLBACK = 3
+# Worker metrics ports a node offers (metrics_port + 1 .. + 8: the PodMonitor's metrics-0..7).
+METRICS_PORTS_PER_NODE = 8
 
 
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
                   nan_loss_at: dict[int, int] | None = None, nan_grad_at: dict[int, int] | None = None,
-                  metrics_linger: float = 0.0, starts_prefix: str | None = None) -> dict[str, Any]:
+                  metrics_linger: float = 0.0, starts_prefix: str | None = None,
+                  fail_at_step: dict | None = None) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -58,11 +61,37 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             scraper sees the end of a short run.
         starts_prefix: where rank 0 records each start of the worker group
             (metrics.WorkerGroupStarts; the driver's restart counter).
+        fail_at_step: fault injection for tests: {"step": n, "how": "raise" | "kill"}
+            (_Worker._inject_failure).
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
             "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()},
             "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger,
-            "starts_prefix": starts_prefix}
+            "starts_prefix": starts_prefix, "fail_at_step": fail_at_step}
+
+
+def train_augmentation(run: PretrainConfig):
+    """Pretraining's inception crop and flip at 224; a trial's at its resolution, without the
+    flip or the random crop where its labels would change (recipes.VTAB_AUGMENTATION): then
+    the whole image is resized."""
+    from data_pipelines.augment import Augmentation
+
+    if not isinstance(run, TrialConfig):
+        return "pretrain"
+    if run.random_crop:
+        return Augmentation("finetune", run.image_size, flip=run.flip)
+    # An area of 1 with any aspect allowed: the box is the whole image, whatever its shape.
+    return Augmentation("finetune", run.image_size, crop_area=(1.0, 1.0), crop_aspect=(1e-3, 1e3), flip=run.flip)
+
+
+def data_part(run: PretrainConfig, which: str):
+    """The KeySplit of a trial's train or eval data (None: everything, as pretraining reads)."""
+    from data_pipelines.stream import KeySplit
+
+    if not isinstance(run, TrialConfig):
+        return None
+    part = run.train_part if which == "train" else run.eval_part
+    return None if part == "all" else KeySplit(run.holdout_fraction, part)
 
 
 def model_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -82,12 +111,22 @@ def gradient_norm_finite(engine) -> bool:
     return norm is None or math.isfinite(float(norm))
 
 
+def run_url(config: PretrainConfig) -> str:
+    """Where a run keeps what it writes: <checkpoints>/<run_name>, or a fine-tuning trial's folder."""
+    return config.trial_url if isinstance(config, TrialConfig) else join_location(config.checkpoints, config.run_name)
+
+
 def checkpoint_url(config: PretrainConfig) -> str:
-    return join_location(join_location(config.checkpoints, config.run_name), "checkpoints")
+    return join_location(run_url(config), "checkpoints")
+
+
+def result_url(config: TrialConfig) -> str:
+    """A trial's result.json: written by rank 0 when its evaluation ends (the trial's record)."""
+    return join_location(config.trial_url, "result.json")
 
 
 def _weights_file(config: PretrainConfig, name: str) -> str:
-    return join_location(join_location(join_location(config.checkpoints, config.run_name), "weights"), name)
+    return join_location(join_location(run_url(config), "weights"), name)
 
 
 def weights_url(config: PretrainConfig) -> str:
@@ -98,6 +137,12 @@ def weights_record_url(config: PretrainConfig) -> str:
     """Beside the weights, written after them: {"step", "sha256", "weights"}. The driver reads it
     to see that a run is finished without scheduling anything (pretraining.finished_run)."""
     return _weights_file(config, "model.json")
+
+
+def run_config_of(config: dict[str, Any]) -> PretrainConfig:
+    """The run config inside `train_loop`'s argument: a pretraining run's, or a trial's."""
+    kind = TrialConfig if "trial_url" in config["run"] else PretrainConfig
+    return kind.model_validate(config["run"])
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -124,7 +169,8 @@ class _Worker:
         from data_pipelines.stream import ShardLoader
         from orchestrator.engine import build_engine
 
-        self.run_config = PretrainConfig.model_validate(config["run"])
+        self.run_config = run_config_of(config)
+        self.fail_at_step = config.get("fail_at_step")  # fault injection for tests (worker_config)
         self.rank, self.world_size = rank, world_size
         self.record_dir = config.get("record_dir")
         self.starts_prefix = config.get("starts_prefix")
@@ -140,10 +186,10 @@ class _Worker:
         # the CPU. CPU workers normalise into the loader's reused float buffers. GPU batches
         # come pinned, so their copy does not hold up the training thread.
         self.loader = ShardLoader(
-            run.data, batch_size=run.micro_batch_size, augmentation="pretrain", image_size=run.image_size,
+            run.data, batch_size=run.micro_batch_size, augmentation=train_augmentation(run), image_size=run.image_size,
             seed=run.seed, rank=rank, world_size=world_size, num_workers=run.data_workers,
             labels=run.objective == "supervised", dtype="uint8" if self.use_gpu else "float32",
-            pin_memory=self.use_gpu,
+            pin_memory=self.use_gpu, keep=data_part(run, "train"),
         )
         self.checkpoints = CheckpointManager(
             checkpoint_url(run), staging_dir=os.path.join(config["staging_dir"], run.run_name), rank=rank,
@@ -184,6 +230,7 @@ class _Worker:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
             step_began, self.data_wait = time.perf_counter(), 0.0
+            self._inject_failure()
             losses = self._one_step()
             if losses is None:  # rolled back
                 self._step_metrics()
@@ -204,7 +251,10 @@ class _Worker:
         self._step_metrics()
         if self.checkpoints.last_committed_step != run.steps and self.rank == 0:
             self.log(f"warning: the final checkpoint (step {run.steps}) did not commit: {self.checkpoints.last_error}")
-        self._export()
+        if isinstance(run, TrialConfig):
+            self._finish_trial()
+        else:
+            self._export()
         self.log(f"finished at step {self.step}" + ("" if last_loss is None else f", loss {last_loss:.4f}"))
         if self.metrics_linger:
             time.sleep(self.metrics_linger)
@@ -342,7 +392,95 @@ class _Worker:
         self.loader.load_state_dict(positions)  # every rank's position: forward through the data
         self._batches = None
 
-    def _export(self) -> None:
+    def _inject_failure(self) -> None:
+        """Tests' faults (worker_config's fail_at_step): {"step": n, "how": "raise"|"kill"}
+        fails this worker once it reaches step n: "raise" every time (a trial that keeps
+        failing), "kill" SIGKILLs its own process on the first attempt only (a worker lost once:
+        the attempt after it starts from a checkpoint at or past n, or, without one, finds the
+        marker the first left beside the trial)."""
+        fault = self.fail_at_step
+        if not fault or self.step != fault["step"] or self.rank != 0:
+            return
+        if fault["how"] == "raise":
+            raise RuntimeError(f"injected failure at step {self.step}")
+        marker = os.path.join(self.record_dir or self.checkpoints.staging_dir, f"killed-at-{self.step}")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _finish_trial(self) -> None:
+        """A fine-tuning trial's end: its evaluation, the final stage's weights, and
+        result.json (rank 0), after which the trial's checkpoints are deleted: the record is
+        what a re-run looks for, and hundreds of trials' checkpoints would only take room."""
+        from data_pipelines.storage import write_bytes
+        from data_pipelines.transfer import delete_prefix
+
+        run = self.run_config
+        began = time.perf_counter()
+        score = self._evaluate()
+        digest = self._export() if run.stage == "final" else None
+        if self.rank != 0:
+            return
+        record = {"dataset": run.dataset, "stage": run.stage, "lr": run.base_lr, "steps": run.steps, "status": "done",
+                  "accuracy": score["accuracy"], "correct": score["correct"], "total": score["total"],
+                  "train_split": run.train_split, "eval_split": run.eval_split,
+                  "wall_seconds": round(time.time() - self.started_at, 3),
+                  "eval_seconds": round(time.perf_counter() - began, 3), "weights_sha256": run.weights_sha256,
+                  "model": run.model, "image_size": run.image_size, "batch_size": run.global_batch_size,
+                  "warmup_steps": run.warmup_steps, **({"weights": weights_url(run), "fine_tuned_sha256": digest}
+                                                       if digest else {})}
+        write_bytes(result_url(run), json.dumps(record, indent=1).encode(), self.checkpoints.factory)
+        self.log(f"{run.trial}: {run.eval_split} accuracy {score['accuracy']:.4f} ({score['correct']}/{score['total']})")
+        try:
+            delete_prefix(checkpoint_url(run), self.checkpoints.factory)
+        except Exception as error:  # the result stands; the checkpoints only take room
+            self.log(f"warning: {run.trial}: its checkpoints were not deleted: {type(error).__name__}: {error}")
+
+    def _evaluate(self) -> dict:
+        """Top-1 accuracy over the trial's evaluation part, every rank scoring its share of it
+        (each sample once); the counts are summed over the ranks. A rank whose share ran out
+        still runs the forward pass on a placeholder while others go on: under ZeRO-3 every
+        forward gathers parameters from every rank."""
+        from data_pipelines.augment import augmentation_for
+        from data_pipelines.stream import ShardLoader
+
+        run = self.run_config
+        loader = ShardLoader(run.eval_data, batch_size=run.micro_batch_size, augmentation=augmentation_for("eval", run.image_size),
+                             seed=run.seed, rank=self.rank, world_size=self.world_size, num_workers=run.data_workers,
+                             dtype="uint8" if self.use_gpu else "float32", pin_memory=self.use_gpu,
+                             factory=self.checkpoints.factory, keep=data_part(run, "eval"))
+        counts = torch.zeros(2, device=self.device)  # correct, total
+        module = self.engine.module
+        module.eval()
+        batches = iter(loader)
+        placeholder = torch.zeros(1, 3, run.image_size, run.image_size, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            while True:
+                batch = next(batches, None)
+                if not self._anyone(batch is not None):
+                    break
+                if batch is None:
+                    self.engine(placeholder)
+                    continue
+                logits = self.engine(model_input(batch["image"], self.device, self.dtype))
+                labels = batch["label"].to(self.device)
+                counts[0] += (logits.argmax(dim=-1) == labels).sum()
+                counts[1] += labels.numel()
+        module.train()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        correct, total = int(counts[0]), int(counts[1])
+        return {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0}
+
+    def _anyone(self, flag: bool) -> bool:
+        value = torch.tensor([float(flag)], device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value[0])
+
+    def _export(self) -> str | None:
         from orchestrator.checkpoint import export_weights
 
         run = self.run_config
@@ -357,11 +495,14 @@ class _Worker:
             from data_pipelines.s3 import DataSourceError
             from data_pipelines.storage import write_bytes
 
-            record = {"step": self.step, "sha256": digest, "weights": weights_url(run)}
+            # The record names the model, so that launch/finetune.py needs nothing else typed.
+            record = {"step": self.step, "sha256": digest, "weights": weights_url(run), "model": run.model,
+                      "num_classes": run.num_classes, "image_size": run.image_size, "run": run.run_name}
             try:
                 write_bytes(weights_record_url(run), json.dumps(record).encode(), self.checkpoints.factory)
             except DataSourceError as error:  # the weights are there; the same command just runs once more
                 self.log(f"warning: {error}: the weights' record was not written")
+        return digest
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -373,12 +514,20 @@ class _Worker:
         self.metrics_linger = linger
         self.images_seen, self.data_wait = 0, 0.0
         self._uploads_seen, self._committed_seen, self._commit_time = 0.0, None, time.time()
+        self.started_at = time.time()
         address, port = bind_address(run.metrics_address), metrics_port(run.metrics_port, local_rank)
-        try:
-            metrics = WorkerMetrics(run.run_name, self.rank, socket.gethostname(), address=address, port=port)
-        except MetricsError as error:
-            self.log(f"warning: {error}; training goes on without serving metrics")
-            metrics = WorkerMetrics(run.run_name, self.rank, socket.gethostname(), address=None, port=port)
+        # Trials that share a node run side by side, each with its local rank 0: a trial's
+        # worker takes the first free port from its own upwards, within the node's slots.
+        tries = METRICS_PORTS_PER_NODE if isinstance(run, TrialConfig) else 1
+        for attempt in range(tries):
+            try:
+                metrics = WorkerMetrics(run.run_name, self.rank, socket.gethostname(), address=address, port=port + attempt)
+                break
+            except MetricsError as error:
+                if attempt + 1 < tries:
+                    continue
+                self.log(f"warning: {error}; training goes on without serving metrics")
+                metrics = WorkerMetrics(run.run_name, self.rank, socket.gethostname(), address=None, port=port)
         # MFU: forward + backward ~ 3 x forward FLOPs per image, from the size table.
         self.flops_per_image = 3 * forward_flops(run.model, run.image_size)
         if run.peak_flops:

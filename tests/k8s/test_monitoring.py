@@ -280,7 +280,8 @@ def test_every_panel_queries_only_known_families_of_the_chosen_runs():
             assert found, expr
             for name, matchers in found:
                 assert name in allowed or name.startswith("process_"), f"{panel['title']!r}: unknown metric {name}"
-                assert 'run=~"$run"' in matchers, f"{panel['title']!r}: {name} not filtered on $run"
+                # The run's own series, or its fine-tuning trials' (runs of their own named <run>-ft-...).
+                assert re.search(r'run=~"\$run(-ft-\.\*)?"', matchers), f"{panel['title']!r}: {name} not filtered on $run"
 
 
 def test_every_family_has_a_panel():

@@ -1,5 +1,6 @@
 """Prometheus metrics: the exporter on its own, then a real Prometheus scraping a real 2-worker run."""
 
+import json
 import math
 import os
 import re
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from data_pipelines.transfer import list_prefix
 from orchestrator.local_prometheus import LocalPrometheus, free_ports
 from orchestrator.metric_plots import DASHBOARD, dashboard_panels, plot_dashboard
-from orchestrator.metrics import FAMILIES, DriverMetrics, MetricsError, WorkerMetrics
+from orchestrator.metrics import FAMILIES, FANOUT_FAMILIES, DriverMetrics, FanoutMetrics, MetricsError, WorkerMetrics
 from orchestrator.pretraining import run_pretraining
 from orchestrator.train_loop import checkpoint_url
 from tests.orchestrator.conftest import config_for
@@ -25,6 +26,15 @@ def scrape(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def fanout_panel_titles() -> set[str]:
+    """The panels of the dashboard's last row, "Fine-tuning fan-out" (its panels follow it)."""
+    with open(DASHBOARD) as f:
+        top = json.load(f)["panels"]
+    (at,) = [i for i, p in enumerate(top) if p.get("type") == "row" and p["title"] == "Fine-tuning fan-out"]
+    assert not [p for p in top[at + 1:] if p.get("type") == "row"], "the fan-out row is the last"
+    return {p["title"] for p in top[at + 1:] + top[at].get("panels", [])}
 
 
 def test_free_ports_come_from_below_the_range_the_kernel_hands_out():
@@ -76,10 +86,94 @@ def test_driver_counts_restarts_at_scrape_time_and_a_taken_port_is_a_clear_error
         assert page["vitscale_restarts_total{run=r}"] == 2
         assert page["vitscale_workers{run=r}"] == 4
         assert page["vitscale_run_info{dataset=JFT-300M,model=ViT-Mu/4,run=r}"] == 1
+        assert "vitscale_finetune_" not in urllib.request.urlopen(driver.url, timeout=5).read().decode()
         with pytest.raises(MetricsError, match=rf"127.0.0.1:{port}.*metrics_port"):
             WorkerMetrics("r", 0, "n", address="127.0.0.1", port=port)
     finally:
         driver.close()
+
+
+def test_fanout_exporter_counts_trials_by_state_and_accuracies_by_dataset():
+    port = free_ports(1)
+    fanout = FanoutMetrics("vit-b-16-jft-300m", address="127.0.0.1", port=port)
+    try:
+        assert not any(k.startswith("vitscale_") for k in scrape(fanout.url))  # nothing set yet
+        fanout.set_trials(pending=44, running=0, done=0, failed=0)
+        fanout.set_trials(pending=30, running=4, done=8, failed=2)
+        fanout.set_best_heldout("CIFAR10", 0.91)
+        fanout.set_best_heldout("CIFAR10", 0.95)
+        fanout.set_best_heldout("Oxford-IIIT Pets", 0.88)
+        fanout.set_best_heldout("VTAB/Caltech101", 0.9)
+        fanout.set_test_accuracy("CIFAR10", 0.948)
+        page = scrape(fanout.url)
+        with pytest.raises(MetricsError, match=rf"127.0.0.1:{port}.*metrics_port"):
+            FanoutMetrics("other", address="127.0.0.1", port=port)
+    finally:
+        fanout.close()
+    run = "run=vit-b-16-jft-300m"
+    assert {k: v for k, v in page.items() if k.startswith("vitscale_")} == {
+        f"vitscale_finetune_trials{{{run},state=pending}}": 30,
+        f"vitscale_finetune_trials{{{run},state=running}}": 4,
+        f"vitscale_finetune_trials{{{run},state=done}}": 8,
+        f"vitscale_finetune_trials{{{run},state=failed}}": 2,
+        f"vitscale_finetune_best_heldout_accuracy{{dataset=CIFAR10,{run}}}": 0.95,
+        f"vitscale_finetune_best_heldout_accuracy{{dataset=Oxford-IIIT Pets,{run}}}": 0.88,
+        f"vitscale_finetune_best_heldout_accuracy{{dataset=VTAB/Caltech101,{run}}}": 0.9,
+        f"vitscale_finetune_test_accuracy{{dataset=CIFAR10,{run}}}": 0.948,  # the others' are not known yet
+    }
+    assert {f.name for f in FAMILIES if f.name.startswith("vitscale_finetune_")} == set(FANOUT_FAMILIES)
+    assert all(f.source == "driver" for f in FAMILIES if f.name in FANOUT_FAMILIES)
+    assert fanout.url is None  # closed
+
+
+def test_prometheus_draws_the_fanout_row_from_the_fanout_driver_and_its_trials(tmp_path):
+    """A real Prometheus scrapes a fan-out's driver and two trials' workers, beside a trial of
+    another run whose name matches only if the run's '.' were taken as a regex: the fan-out row
+    shows this run's figures and trials only, and its panels, alone with data, are drawn."""
+    run = "vit-mu-4.v2"
+    base = free_ports(4)
+    fanout = FanoutMetrics(run, address="127.0.0.1", port=base)
+    trials = [WorkerMetrics(name, 0, "n0", address="127.0.0.1", port=base + 1 + i)
+              for i, name in enumerate((f"{run}-ft-cifar10-sweep-lr0.003", f"{run}-ft-cifar10-sweep-lr0.01",
+                                        "vit-mu-4xv2-ft-cifar10-sweep-lr0.003"))]
+    try:
+        with LocalPrometheus([f"127.0.0.1:{base + i}" for i in range(4)], data_dir=str(tmp_path / "prometheus")) as prometheus:
+            began = time.time()
+            fanout.set_trials(pending=1, running=2, done=0, failed=1)
+            fanout.set_best_heldout("CIFAR10", 0.97)
+            fanout.set_best_heldout("VTAB/Caltech101", 0.9)
+            fanout.set_test_accuracy("CIFAR10", 0.965)
+            for i, trial in enumerate(trials):
+                trial.log({"vitscale_loss": 1.5 + i}, 1)
+            deadline = time.monotonic() + 60
+            while len(prometheus.query("vitscale_loss")) < 3 or not prometheus.query("vitscale_finetune_test_accuracy"):
+                assert time.monotonic() < deadline, prometheus.targets_up()
+                time.sleep(0.5)
+            time.sleep(1.5)
+            ended = time.time()
+
+            def last(expr):
+                return {tuple(sorted((k, v) for k, v in r["metric"].items() if k in ("run", "state", "dataset"))):
+                        float(r["values"][-1][1]) for r in prometheus.query_range(expr, began, ended)}
+
+            row = {title: exprs for title, exprs, _ in dashboard_panels(DASHBOARD, run=run) if title in fanout_panel_titles()}
+            assert len(row) == 4
+            by_state, best, test, loss = (last(exprs[0]) for exprs in row.values())
+            assert by_state == {(("run", run), ("state", s)): n
+                                for s, n in {"pending": 1, "running": 2, "done": 0, "failed": 1}.items()}
+            assert best == {(("dataset", "CIFAR10"), ("run", run)): 0.97, (("dataset", "VTAB/Caltech101"), ("run", run)): 0.9}
+            assert test == {(("dataset", "CIFAR10"), ("run", run)): 0.965}
+            assert loss == {(("run", f"{run}-ft-cifar10-sweep-lr0.003"),): 1.5, (("run", f"{run}-ft-cifar10-sweep-lr0.01"),): 2.5}
+            # Every other panel (the pretraining run's) is empty here and is left out, not drawn blank.
+            pictures = plot_dashboard(prometheus, run=run, start=began, end=ended, out_dir=str(tmp_path / "plots"))
+    finally:
+        fanout.close()
+        for trial in trials:
+            trial.close()
+    assert sorted(re.sub(r"^\d+-", "", os.path.basename(p)) for p in pictures) == [
+        "best-held-out-accuracy-per-dataset.png", "fine-tuning-trials-by-state.png",
+        "fine-tuning-trials-training-loss.png", "test-accuracy-per-dataset.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pictures)
 
 
 def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path, capfd):
@@ -129,6 +223,8 @@ def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path
 
         panels = dashboard_panels(DASHBOARD, run=config.run_name)
         assert len(panels) >= len(FAMILIES) - 3
+        fanout = fanout_panel_titles()  # no fan-out here: see the test above
+        panels = [p for p in panels if p[0] not in fanout]
         empty = [(title, expr) for title, exprs, _ in panels for expr in exprs
                  if not any(not math.isnan(float(v)) for r in prometheus.query_range(expr, began, ended)
                             for _, v in r["values"])]

@@ -153,9 +153,9 @@ def test_table_2_rows_resolve_exactly():
         config = resolve_finetune_config("ViT-B/16", dataset)
         assert (config.steps, config.lr_grid) == (steps, grid)
     for task, group in VTAB_19.items():
-        config = resolve_finetune_config("ViT-L/16", task)
+        config = resolve_finetune_config("ViT-L/16", "VTAB/" + task)
         assert (config.steps, config.lr_grid, config.vtab_group) == (2_500, (0.01,), group)
-    assert set(recipes.FINETUNE_RECIPES) == set(SEED_TABLE_2) | set(VTAB_19)
+    assert set(recipes.FINETUNE_RECIPES) == set(SEED_TABLE_2) | {"VTAB/" + task for task in VTAB_19}
 
 
 def test_fine_tuning_shared_settings_and_holdouts():
@@ -165,8 +165,14 @@ def test_fine_tuning_shared_settings_and_holdouts():
         assert config.holdout_fraction == fraction
         assert (config.optimizer, config.momentum, config.batch_size, config.image_size) == ("sgd", 0.9, 512, 384)
         assert (config.weight_decay, config.grad_clip_norm, config.lr_decay) == (0.0, 1.0, "cosine")
-        assert 0 < config.warmup_steps <= 500 and config.warmup_steps < config.steps
-    assert resolve_finetune_config("ViT-B/16", "DTD").holdout_fraction == pytest.approx(200 / 1000)
+    # Warm-up as big_vision and scenic: 500 steps for ImageNet and CIFAR, 100 for Pets and
+    # Flowers (500 would warm them for their whole run), 200 for VTAB.
+    warmups = {"ImageNet": 500, "CIFAR100": 500, "CIFAR10": 500, "Oxford-IIIT Pets": 100, "Oxford Flowers-102": 100}
+    for dataset, warmup in warmups.items():
+        assert resolve_finetune_config("ViT-B/16", dataset).warmup_steps == warmup
+    for task in VTAB_19:
+        assert resolve_finetune_config("ViT-B/16", "VTAB/" + task).warmup_steps == 200
+    assert resolve_finetune_config("ViT-B/16", "VTAB/DTD").holdout_fraction == pytest.approx(200 / 1000)
     assert resolve_finetune_config("ViT-B/16", "Oxford-IIIT Pets").num_classes == 37
 
 
