@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objective", help="supervised or masked-patch")
     p.add_argument("--no-finetune", action="store_false", dest="finetune", default=None,
                    help="stop after pretraining (no fine-tuning fan-out)")
+    p.add_argument("--finetune-data", dest="finetune_data",
+                   help="the fine-tuning datasets' root (folder or s3://): the fan-out runs when pretraining ends")
     p.add_argument("--set", action="append", type=_setting, default=[], metavar="FIELD=VALUE",
                    help="override any other config field (repeatable; VALUE is JSON or a bare string)")
     p.add_argument("--dry-run", action="store_true", help="the recipe's debug twin, on this machine")
@@ -82,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: epochs={config.epochs} is not in the table for {config.recipe_model} on "
               f"{config.dataset} (table: {'/'.join(map(str, config.epochs_in_table))})", file=sys.stderr)
     print("config: " + config.model_dump_json(), flush=True)
-    from orchestrator import dry_run, pretraining
+    from orchestrator import dry_run, finetuning, pretraining
+
+    if config.finetune and not config.finetune_data and not config.dry_run:
+        print(f"no fine-tuning data (--finetune-data): pretraining only; the fan-out can run later with: "
+              f"{finetuning.later_command(config)}", flush=True)
 
     # SIGTERM and SIGHUP unwind the driver as Ctrl-C does, so that what it started (the embedded
     # S3, Prometheus, a local Ray) is stopped on the way out; while it trains, run_pretraining
@@ -90,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     with pretraining.signals_stop_the_run() as received:
         try:
             if config.dry_run:
-                dry_run.run(config)
+                fanout = dry_run.run(config)
             else:
                 pretraining.run_pretraining(config)
-                print("the fine-tuning fan-out is not built yet: pretraining only", flush=True)
+                fanout = finetuning.run_after_pretraining(config)
+            if fanout is not None:  # the results table's path, last; a dataset without a figure: exit 1
+                summary, out = fanout
+                print(os.path.join(out, "results.md"), flush=True)
+                if not summary.get("complete"):
+                    return 1
         except ConfigError as err:  # preflight: data, checkpoint location, cluster resources
             print(f"pretrain.py: error: {err}", file=sys.stderr)
             return EXIT_USAGE

@@ -122,6 +122,11 @@ class PretrainConfig(BaseModel):
     peak_flops: float | None = Field(default=None, gt=0.0)  # per device, for MFU; None: datasheet or measured
     finetune: bool = True  # the fine-tuning fan-out when pretraining ends (orchestrator/finetuning.py)
     finetune_data: str | None = None  # its data root: <root>/cifar10/{train,test}/, ... (README)
+    finetune_datasets: str | None = None  # comma-separated names of seed table 2 (None: every one)
+    finetune_steps_scale: float = Field(default=1.0, gt=0.0)  # multiplies every trial's steps (dry runs)
+    finetune_image_size: int | None = Field(default=None, gt=0)  # None: the paper's 384
+    finetune_batch_size: int | None = Field(default=None, gt=0)  # None: the paper's 512
+    finetune_workers_per_trial: int | None = Field(default=None, gt=0)  # None: the run's workers, at most 8
     dry_run: bool = False
     recipe_model: str  # the table row the settings come from (a debug twin's paper twin)
     overrides: tuple[str, ...] = ()  # fields set explicitly, winning over the recipe

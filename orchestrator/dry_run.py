@@ -26,7 +26,6 @@ from typing import Callable
 from orchestrator.config import PretrainConfig
 
 BUCKET = "vitscale-dry-run"
-NOT_BUILT_YET = ("the fine-tuning fan-out",)
 OUTPUT = "runs"  # local folder for what outlives the embedded S3 (gitignored)
 
 
@@ -104,7 +103,10 @@ def ensure_shards(config: PretrainConfig, log: Callable[[str], None]) -> None:
     log(f"dry run: wrote {kind} shards to {config.data}: {summary.line()}")
 
 
-def run(config: PretrainConfig, log: Callable[[str], None] = print) -> dict:
+def run(config: PretrainConfig, log: Callable[[str], None] = print) -> tuple[dict, str] | None:
+    """Pretraining, then the fan-out when the config has fine-tuning data (as launch/pretrain.py
+    hands over in a real run): its (summary, results folder), else None."""
+    from orchestrator.finetuning import run_after_pretraining
     from orchestrator.pretraining import run_pretraining
 
     with storage_for(config, log) as config:
@@ -113,8 +115,11 @@ def run(config: PretrainConfig, log: Callable[[str], None] = print) -> dict:
             metrics = run_pretraining(config, log=log, metrics_linger=2.0)
             if not metrics.get("nothing_to_train"):
                 plot()
-    log("dry run: not built yet, so not run: " + "; ".join(NOT_BUILT_YET))
-    return metrics
+        outcome = run_after_pretraining(config, log)
+    if outcome is None and config.finetune:
+        log("dry run: no fine-tuning data (--finetune-data), so no fan-out; the dry run's own stand-in downstream "
+            "sets are not built yet")
+    return outcome
 
 
 @contextlib.contextmanager

@@ -398,7 +398,7 @@ def concurrency(ray, settings: FanoutSettings) -> int:
     """Trials the cluster can hold at once: its accelerators (or CPUs) over one trial's."""
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
-    available = ray.cluster_resources()
+    available = ray.available_resources()  # free now: pretraining has ended
     workers = settings.workers_per_trial
     if settings.gpus_per_worker:
         fits = available.get("GPU", 0.0) / (workers * settings.gpus_per_worker)
@@ -418,7 +418,9 @@ def _run_trials(configs: list[TrialConfig], *, settings: FanoutSettings, phase: 
         trainable,
         param_space={"trial": tune.grid_search([c.model_dump(mode="json") for c in configs]), "local": ray_local,
                      "faults": faults, "record_dir": record_dir},
-        tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials,
+        # reuse_actors: a trial's driver process (it only builds and fits the trainer) serves the
+        # next trial too, one Ray worker process fewer to start per trial.
+        tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials, reuse_actors=True,
                                     trial_name_creator=lambda t: slug(t.config["trial"]["trial"]),
                                     trial_dirname_creator=lambda t: slug(t.config["trial"]["trial"])),
         run_config=tune.RunConfig(name=f"{settings.run}-finetune-{phase}-{int(time.time())}", verbose=0,
@@ -574,3 +576,45 @@ def settings_for(weights: str, record: dict, data_root: str, *, results: str | N
         from orchestrator.config import _one_line
 
         raise ConfigError(_one_line(error)) from None
+
+
+# ---- the hand-over from pretraining --------------------------------------------------------
+
+def plan_for(config) -> list[Trial]:
+    """The fan-out a pretraining config (PretrainConfig) asks for when it ends."""
+    return plan_trials(select_datasets(config.finetune_datasets), steps_scale=config.finetune_steps_scale,
+                       image_size=config.finetune_image_size, batch_size=config.finetune_batch_size)
+
+
+def check_for_pretraining(config) -> None:
+    """Pretraining's preflight: every dataset the fan-out will read is there, before the first
+    pretraining step (a missing CIFAR-10 is found before 7 epochs of JFT, not after them)."""
+    check_data(plan_for(config), config.finetune_data)
+
+
+def later_command(config) -> str:
+    """The launch/finetune.py command that runs this run's fan-out by hand."""
+    from orchestrator.train_loop import weights_url
+
+    return f"python launch/finetune.py --weights {weights_url(config)} --data-root URL"
+
+
+def run_after_pretraining(config, log: Callable[[str], None] = print) -> tuple[dict, str] | None:
+    """launch/pretrain.py's hand-over (also in a dry run): the fan-out from the weights the
+    pretraining run just exported, on the same cluster, with trials the size of the run's
+    machines (at most 8 of its workers each). None when the config asks for none."""
+    from orchestrator.train_loop import weights_url
+
+    if not (config.finetune and config.finetune_data):
+        return None
+    weights = weights_url(config)
+    record = read_weights_record(weights)
+    settings = settings_for(
+        weights, record, config.finetune_data,
+        workers_per_trial=config.finetune_workers_per_trial or min(config.workers, 8),
+        gpus_per_worker=config.gpus_per_worker, cpus_per_worker=config.cpus_per_worker,
+        zero_stage=config.zero_stage, data_workers=config.data_workers, metrics_address=config.metrics_address,
+        metrics_port=config.metrics_port, max_failures=config.max_failures, seed=config.seed,
+        torch_compile=config.torch_compile)
+    log(f"pretraining ended: the fine-tuning fan-out starts from {weights}")
+    return run_fanout(settings, plan_for(config), log=log)

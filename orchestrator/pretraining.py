@@ -185,6 +185,10 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     from orchestrator.trainer import build_trainer
 
     config = check_locations(config)
+    if config.finetune and config.finetune_data:
+        from orchestrator.finetuning import check_for_pretraining
+
+        check_for_pretraining(config)
     finished = finished_run(config)
     if finished is not None:  # the same command again: nothing is scheduled
         log(f"nothing to train: the run finished at step {finished['step']} (its last checkpoint; it stops at step "

@@ -406,6 +406,7 @@ class _Worker:
         marker = os.path.join(self.record_dir or self.checkpoints.staging_dir, f"killed-at-{self.step}")
         if not os.path.exists(marker):
             open(marker, "w").close()
+            self.checkpoints.wait()  # the step's checkpoint committed first: the fault is the kill alone
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)

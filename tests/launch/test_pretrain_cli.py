@@ -82,21 +82,37 @@ def test_cli_surface_is_frozen():
     assert flags == {
         "--help", "--model", "--dataset", "--epochs", "--base-lr", "--data", "--checkpoints", "--workers",
         "--gpus-per-worker", "--micro-batch", "--zero-stage", "--max-steps", "--checkpoint-every",
-        "--objective", "--no-finetune", "--set", "--dry-run", "--print-config",
+        "--objective", "--no-finetune", "--finetune-data", "--set", "--dry-run", "--print-config",
     }
 
 
-def test_dry_run_trains_the_twin_end_to_end():
-    """`make dry-run`'s command: embedded S3, synthetic shards, Ray + DeepSpeed, checkpoints."""
+def test_dry_run_trains_the_twin_end_to_end_and_hands_over_to_the_fan_out(tmp_path):
+    """`make dry-run`'s command: embedded S3, synthetic shards, Ray + DeepSpeed, checkpoints; then
+    launch/pretrain.py's own hand-over to the fine-tuning fan-out, here over one VTAB task."""
+    from data_pipelines.synthetic import write_synthetic
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    downstream = str(tmp_path / "downstream")
+    for split, seed in (("train800val200", 1), ("test", 2)):
+        write_synthetic("classification", f"{downstream}/vtab/dtd/{split}", num_samples=64, num_classes=3,
+                        image_size=32, samples_per_shard=32, seed=seed)
     out = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--max-steps", "10", "--checkpoint-every", "5",
-                          "--set", "log_every=2"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+                          "--set", "log_every=2", "--finetune-data", downstream, "--set", "finetune_datasets=VTAB/DTD",
+                          "--set", "finetune_steps_scale=0.004", "--set", "finetune_image_size=16",
+                          "--set", "finetune_batch_size=16"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "dry run: embedded S3 (SeaweedFS)" in text
     assert "wrote multi_label shards" in text
     assert "checkpoint step 10 committed" in text and "finished at step 10" in text
-    assert "not built yet" in text and "fine-tuning fan-out" in text
+    # The hand-over: from the export, one trial of 10 steps, the table's path as the last line.
+    assert "pretraining ended: the fine-tuning fan-out starts from s3://vitscale-dry-run/runs/" in text
+    assert "trial VTAB/DTD/final-lr0.01 finished: test accuracy" in text
+    results = out.stdout.strip().splitlines()[-1]
+    assert results.endswith("finetune/results.md") and "| VTAB" in open(os.path.join(ROOT, results)).read()
+    record = json.load(open(os.path.join(os.path.dirname(os.path.join(ROOT, results)), "results.json")))
+    assert record["datasets"]["VTAB/DTD"]["status"] == "done" and record["complete"]
     # Metrics: served on loopback, scraped by a real Prometheus, the dashboard drawn from it.
     assert re.search(r"driver metrics at http://127\.0\.0\.1:\d+/metrics", text)
     plots = re.search(r"dry run: (\d+) metric plots from Prometheus in (\S+) and s3://", text)
