@@ -15,8 +15,8 @@ finished:
 - bare: the same trials' TrialConfigs (`finetuning.trial_config`) run back to back by
   `train_loop._Worker(under_ray=False)` in one process of its own (torch.distributed of one
   rank on gloo, as benchmarks/worker_step.py), timed from the first worker's start to the
-  last one's end. Its torch threads are torch's default, as a trial worker's under Ray
-  (Ray 2.60 sets no OMP_NUM_THREADS for them: both log "2 CPU threads" on 2 cores).
+  last one's end. Both sides' workers take cpus_per_worker torch threads (1 here: a CPU
+  trial worker sets them itself, since Ray 2.60 sets no OMP_NUM_THREADS).
 
 Both sides train, evaluate and write each trial's result.json the same way; its
 wall_seconds (the worker's own time, from its metrics' start to the record) splits the
@@ -28,6 +28,7 @@ trial worker takes a core, and the fan-out's driver and the S3 server share the 
 """
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -57,7 +58,10 @@ def bare(args) -> None:
     began = time.perf_counter()
     for config in configs:
         start = time.perf_counter()
-        _Worker(worker_config(config, staging_dir=args.staging), rank=0, world_size=1, under_ray=False).run()
+        worker = _Worker(worker_config(config, staging_dir=args.staging), rank=0, world_size=1, under_ray=False)
+        worker.run()
+        del worker  # its loaders' worker processes end with it, as a trial's do with its process
+        gc.collect()
         print(f"TRIAL {config.trial} {time.perf_counter() - start:.3f}", flush=True)
     print(f"SECONDS {time.perf_counter() - began:.3f}", flush=True)
 
@@ -172,6 +176,9 @@ def main() -> None:
                     bare_times.append(total)
                     print(f"# round {round_}: bare trials " + " ".join(f"{s:.1f}" for s in each) + " s", flush=True)
                 in_workers[side] = worker_seconds(configs, side)
+                print(f"# round {round_}: {side} done; load average {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} "
+                      f"(1 / 5 min) on {os.cpu_count()} cores: above {args.concurrency + 1} means other work "
+                      f"shares them", flush=True)
             print(f"# round {round_}: fan-out {fanout_times[-1]:.1f} s ({in_workers['fanout']:.1f} in its trials' "
                   f"workers), bare {bare_times[-1]:.1f} s ({in_workers['bare']:.1f} in the workers)", flush=True)
 

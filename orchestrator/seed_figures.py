@@ -4,6 +4,7 @@
 
     result = draw_seed_figures(trained, initial, images, out_dir="figures/")
     result["statement"]   # what the numbers show, and only that
+    result = figures_of_export(weights_url, images=shards_url, out_dir="figures/")   # launch/figures.py
 
 The numbers come from model/seed_figures.py; this module draws them (matplotlib, Agg) and
 words them. A claim is made only where the trained model's number clears its initialisation's
@@ -56,7 +57,7 @@ def draw_position_similarity(sim: torch.Tensor, path: str, title: str) -> str:
     axes.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="cosine similarity")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100 if grid <= 8 else 200)  # enough pixels for every small image's
     plt.close(figure)
     return path
 
@@ -71,17 +72,17 @@ def draw_attention_distance(dist: torch.Tensor, path: str, title: str, image_siz
     figure, axes = plt.subplots(figsize=(5.6, 4))
     x = torch.arange(1, layers + 1).float()
     for head in range(heads):
-        axes.scatter(x.numpy(), dist[:, head].numpy(), s=14, label=f"head {head + 1}" if heads <= 16 else None)
+        axes.scatter(x.numpy(), dist[:, head].numpy(), s=14, label=f"head {head + 1}" if heads <= 4 else None)
     axes.plot(x.numpy(), dist.mean(dim=1).numpy(), color="black", linewidth=1, alpha=0.5, label="mean of heads")
     if reference is not None:
         axes.axhline(reference, color="grey", linestyle="--", linewidth=1, label="uniform attention")
     axes.set_xlim(0.5, layers + 0.5)
+    axes.set_xticks(range(1, layers + 1, 1 if layers <= 16 else 2))
     axes.set_ylim(0, max(float(image_size), float(dist.max()) * 1.05))
     axes.set_xlabel("network depth (layer)")
     axes.set_ylabel("mean attention distance (pixels)")
     axes.set_title(title, fontsize=10)
-    if heads <= 16:
-        axes.legend(fontsize=6, ncol=2, loc="upper left")
+    axes.legend(fontsize=7, loc="upper left")  # heads are named when there are at most 4
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -143,4 +144,96 @@ def draw_seed_figures(trained_model: torch.nn.Module, initial_model: torch.nn.Mo
     numbers = os.path.join(out_dir, "seed_figures.json")
     with open(numbers, "w") as f:
         json.dump({k: v for k, v in result.items() if k != "paths"}, f, indent=1)
+    return result
+
+
+def load_export(weights: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(trained, at initialisation, record) for a vitscale export: the record (model.json
+    beside the weights) names the model; the weights are checked against its sha256 and
+    loaded from safetensors (nothing unpickled). The initial model is the recipe's model
+    built after `torch.manual_seed(0)`, as the trainer builds it (a run that added a
+    pre-logits or masked-patch head drew its initial weights in another order). Raises
+    ConfigError."""
+    from model import build_model
+    from orchestrator.checkpoint import WeightsError, load_exported_weights
+    from orchestrator.config import ConfigError
+    from orchestrator.finetuning import read_weights_record
+
+    record = read_weights_record(weights)
+    try:
+        num_classes, image_size = int(record["num_classes"]), int(record["image_size"])
+        torch.manual_seed(0)
+        initial = build_model(record["model"], num_classes, image_size=image_size)
+        trained = build_model(record["model"], num_classes, image_size=image_size)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"--weights {weights}: its record does not build a model ({error})") from None
+    if not hasattr(trained, "pos_embed"):
+        raise ConfigError(f"--weights {weights}: {record['model']} has no position embeddings or attention, so no "
+                          f"seed figures (they are defined for the zoo's ViTs and hybrids)")
+    try:
+        load_exported_weights(trained, weights, sha256=record["sha256"])
+    except (WeightsError, RuntimeError) as error:  # RuntimeError: load_state_dict's mismatch
+        raise ConfigError(f"--weights {weights}: {str(error).splitlines()[0]}") from None
+    return trained.eval(), initial.eval(), record
+
+
+def synthetic_images(samples: int, image_size: int) -> torch.Tensor:
+    """[samples, 3, S, S] in [-1, 1]: data_pipelines.synthetic's striped classification images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.augment import normalise
+    from data_pipelines.synthetic import classification_samples
+
+    pixels = [np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))
+              for s in classification_samples(samples, image_size=image_size)]
+    return normalise(torch.from_numpy(np.stack(pixels))).contiguous()
+
+
+def shard_images(source: str, samples: int, image_size: int) -> torch.Tensor:
+    """Up to `samples` images of a shard folder or s3:// prefix, eval-augmented to `image_size`
+    (centre crop). Raises ConfigError when the shards cannot be read or hold no image."""
+    from data_pipelines.s3 import DataSourceError
+    from data_pipelines.stream import ShardLoader
+    from orchestrator.config import ConfigError
+
+    batches, count = [], 0
+    try:
+        loader = ShardLoader(source, batch_size=min(samples, 64), augmentation="eval", image_size=image_size,
+                             num_workers=0, labels=False)
+        for batch in loader:
+            batches.append(batch["image"].contiguous().clone())
+            count += batches[-1].shape[0]
+            if count >= samples:
+                break
+    except DataSourceError as error:
+        raise ConfigError(f"--images {source}: {error}") from None
+    if not count:
+        raise ConfigError(f"--images {source}: no images there")
+    return torch.cat(batches)[:samples]
+
+
+def figures_of_export(weights: str, *, images: str | None = None, out_dir: str | None = None,
+                      samples: int = 64) -> dict:
+    """draw_seed_figures for an export against its initialisation, on `samples` images of the
+    shards at `images` (default: synthetic ones); `out_dir` defaults to runs/<run>/figures.
+    Adds "out_dir" to the result. Raises ConfigError for anything the user can fix."""
+    from orchestrator.config import ConfigError
+    from orchestrator.finetuning import OUTPUT
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {samples}")
+    trained, initial, record = load_export(weights)
+    size = trained.image_size
+    pixels = shard_images(images, samples, size) if images else synthetic_images(samples, size)
+    if torch.cuda.is_available():
+        trained, initial = trained.cuda(), initial.cuda()
+    out_dir = out_dir or os.path.join(OUTPUT, str(record.get("run") or "export"), "figures")
+    try:
+        result = draw_seed_figures(trained, initial, pixels, out_dir)
+    except ValueError as error:  # a grid too small for the contrast
+        raise ConfigError(f"--weights {weights}: {error}") from None
+    result["out_dir"] = out_dir
     return result

@@ -178,6 +178,10 @@ class _Worker:
         self.nan_grad_at = {int(k): v for k, v in (config.get("nan_grad_at") or {}).items()}
         run = self.run_config
         self.use_gpu = torch.cuda.is_available() and run.gpus_per_worker > 0
+        if isinstance(run, TrialConfig) and not self.use_gpu:
+            # Trials run side by side on a node's CPUs, each reserving cpus_per_worker per worker;
+            # Ray 2.60 leaves OMP_NUM_THREADS unset, and torch would take every core in each.
+            torch.set_num_threads(max(1, int(run.cpus_per_worker)))
         self.engine = build_engine(run, use_gpu=self.use_gpu)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.use_gpu else torch.float32

@@ -203,3 +203,30 @@ def test_unlabeled_shards_stream_when_labels_are_not_wanted(s3, fresh_prefix):
     assert sorted(keys) == [f"synthetic{i:07d}" for i in range(40)]
     needs_labels = ShardLoader(fresh_prefix, batch_size=8, image_size=32, num_workers=0, factory=s3)
     assert [b for b in needs_labels] == [] and needs_labels.stats["skipped_samples"] == 40
+
+
+def test_the_held_out_part_is_chosen_by_key_whatever_the_shard_layout(tmp_path):
+    """KeySplit: the digits' held-out 10% is the same set of samples written as 8 shards or as 3,
+    train and held-out parts are disjoint and together everything, and the data position of a
+    filtered epoch still records every sample read."""
+    from data_pipelines.stream import KeySplit
+
+    def keys(url, part, workers=0):
+        loader = ShardLoader(url, batch_size=16, augmentation="eval", image_size=8, num_workers=workers,
+                             keep=KeySplit(0.1, part))
+        seen = [k for batch in loader for k in batch["key"]]
+        return seen, loader
+
+    write_synthetic("digits", str(tmp_path / "small"), image_size=8, samples_per_shard=64, split="train")
+    write_synthetic("digits", str(tmp_path / "large"), image_size=8, samples_per_shard=600, split="train")
+    held_small, loader = keys(str(tmp_path / "small"), "holdout")
+    held_large, _ = keys(str(tmp_path / "large"), "holdout", workers=2)
+    rest, _ = keys(str(tmp_path / "small"), "train")
+    everything, _ = keys(str(tmp_path / "small"), "all")
+    assert set(held_small) == set(held_large) and len(held_small) == len(set(held_small))
+    assert 0.07 * 1437 < len(held_small) < 0.13 * 1437  # about, not exactly, 10%
+    assert not set(held_small) & set(rest) and set(held_small) | set(rest) == set(everything)
+    assert len(everything) == 1437
+    assert loader.remaining_samples() == 0  # the samples passed over count as consumed
+    with pytest.raises(ValueError, match="part 'test'"):
+        KeySplit(0.1, "test")

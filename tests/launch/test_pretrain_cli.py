@@ -134,6 +134,29 @@ def test_training_without_data_is_a_preflight_error():
     out = pretrain("--model", "ViT-B/16", "--dataset", "ImageNet", "--checkpoints", "/tmp/vitscale-x")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "pretrain.py: error: no training data: pass --data (a folder or s3://bucket/prefix with shards)"
+    # A run without fine-tuning data says at its start that it pretrains only, and how to fan out later.
+    assert ("no fine-tuning data (--finetune-data): pretraining only; the fan-out can run later with: python "
+            "launch/finetune.py --weights /tmp/vitscale-x/vit-b-16-imagenet/weights/model.safetensors --data-root URL"
+            ) in out.stdout
+
+
+def test_a_missing_fine_tuning_dataset_stops_the_run_before_pretraining(tmp_path, s3_server):
+    """The preflight checks every dataset the fan-out will read: a missing CIFAR-10 is found
+    before pretraining, not after it."""
+    from data_pipelines.synthetic import write_synthetic
+
+    env = dict(os.environ, **s3_server.environment())
+    bucket = s3_server.create_bucket("preflight-finetune")
+    write_synthetic("multi_label", f"{bucket}/synth", num_samples=64, num_classes=4, image_size=32, samples_per_shard=32,
+                    factory=s3_server.client_factory())
+    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-Mu/4", "--dataset", "JFT-300M", "--data",
+                          f"{bucket}/synth", "--checkpoints", f"{bucket}/runs", "--finetune-data", str(tmp_path),
+                          "--set", "finetune_datasets=CIFAR10", "--set", "gpus_per_worker=0"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"pretrain.py: error: CIFAR10: no readable shards at {tmp_path}/cifar10/train (")
+    assert "Traceback" not in out.stderr and "run " not in out.stdout  # no Ray joined, nothing scheduled
 
 
 def test_a_dry_run_on_a_cluster_without_s3_stops_at_its_preflight(tmp_path):
