@@ -18,18 +18,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from orchestrator.command_line import EXIT_USAGE, OneLineParser  # noqa: E402
 from orchestrator.config import ConfigError  # noqa: E402
 
-EXIT_USAGE = 2
 
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _OneLineParser(prog="figures.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="figures.py", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="a vitscale export: <checkpoints>/<run>/weights/model.safetensors")
     p.add_argument("--images", help="folder or s3:// prefix of shards to average attention over (default: synthetic)")
     p.add_argument("--out", help="folder for the figures (default: runs/<run>/figures)")

@@ -21,28 +21,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from orchestrator.command_line import EXIT_USAGE, OneLineParser, setting  # noqa: E402
 from orchestrator.config import ConfigError  # noqa: E402
 
-EXIT_USAGE = 2
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _setting(text: str) -> tuple[str, object]:
-    field, sep, raw = text.partition("=")
-    if not sep or not field:
-        raise argparse.ArgumentTypeError(f"--set wants FIELD=VALUE, got {text!r}")
-    try:
-        return field, json.loads(raw)
-    except json.JSONDecodeError:
-        return field, raw
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _OneLineParser(prog="finetune.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="finetune.py", description=__doc__.split("\n")[0])
     p.add_argument("--weights", help="a vitscale export: <checkpoints>/<run>/weights/model.safetensors")
     p.add_argument("--data-root", dest="data_root", help="folder or s3:// prefix holding the datasets' shards")
     p.add_argument("--datasets", help="comma-separated names of the table (default: all; VTAB: its 19 tasks)")
@@ -52,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrent-trials", type=int, dest="max_concurrent_trials")
     p.add_argument("--steps-scale", type=float, dest="steps_scale", default=1.0,
                    help="multiply every trial's steps and warm-up (1: the table)")
-    p.add_argument("--set", action="append", type=_setting, default=[], metavar="FIELD=VALUE",
+    p.add_argument("--set", action="append", type=setting, default=[], metavar="FIELD=VALUE",
                    help="any other setting (repeatable): image_size, batch_size, micro_batch_size, zero_stage, "
                         "data_workers, checkpoint_every, max_failures, cpus_per_worker, metrics_address, metrics_port")
     p.add_argument("--print-plan", action="store_true", help="print the trials as JSON and exit (contacts nothing)")

@@ -25,16 +25,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from orchestrator.command_line import EXIT_USAGE, OneLineParser  # noqa: E402
 from data_pipelines.s3 import DataSourceError  # noqa: E402
 from data_pipelines.downstream import FORMATS, detect_format, write_downstream  # noqa: E402
 from data_pipelines.shard_writer import ShardWriteError, make_shards  # noqa: E402
 
-EXIT_USAGE = 2
 
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive(text: str) -> int:
@@ -45,7 +41,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _OneLineParser(prog="make_shards.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="make_shards.py", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True,
                    help="ImageFolder tree, folder of images with labels.json, CIFAR python folder or VTAB-1k task folder")
     p.add_argument("--output", required=True, help="a folder or s3://bucket/prefix (CIFAR, VTAB: one below it per split)")

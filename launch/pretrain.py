@@ -10,35 +10,21 @@ config's `overrides`. Usage and config errors print one line and exit with statu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from orchestrator.command_line import EXIT_USAGE, OneLineParser, setting  # noqa: E402
 from orchestrator.config import ConfigError, resolve_pretrain_config  # noqa: E402
 
-EXIT_USAGE = 2
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _setting(text: str) -> tuple[str, object]:
-    field, sep, raw = text.partition("=")
-    if not sep or not field:
-        raise argparse.ArgumentTypeError(f"--set wants FIELD=VALUE, got {text!r}")
-    try:
-        return field, json.loads(raw)
-    except json.JSONDecodeError:
-        return field, raw  # a bare string such as a model name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _OneLineParser(prog="pretrain.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="pretrain.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="a model name from the recipe table, e.g. ViT-B/16 (default with --dry-run: ViT-B/16)")
     p.add_argument("--dataset", help="JFT-300M, ImageNet-21k or ImageNet (default with --dry-run: JFT-300M)")
     p.add_argument("--epochs", type=int, help="epochs (the table's default otherwise)")
@@ -56,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after pretraining (no fine-tuning fan-out)")
     p.add_argument("--finetune-data", dest="finetune_data",
                    help="the fine-tuning datasets' root (folder or s3://): the fan-out runs when pretraining ends")
-    p.add_argument("--set", action="append", type=_setting, default=[], metavar="FIELD=VALUE",
+    p.add_argument("--set", action="append", type=setting, default=[], metavar="FIELD=VALUE",
                    help="override any other config field (repeatable; VALUE is JSON or a bare string)")
     p.add_argument("--dry-run", action="store_true", help="the recipe's debug twin, on this machine")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
