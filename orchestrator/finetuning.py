@@ -50,10 +50,6 @@ _DATASET_DIRS = {
 }
 
 
-class FanoutError(RuntimeError):
-    """The fan-out ran but some dataset has no final figure (exit status 1)."""
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
