@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from data_pipelines.synthetic import write_synthetic
 from model import build_model
+from tests.launch.conftest import main_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "figures.py")
@@ -71,21 +71,15 @@ def test_synthetic_images_and_the_default_folder(tmp_path):
     assert all((tmp_path / "runs" / "tiny-run" / "figures" / name).is_file() for name in PNGS)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "cannot be read"),
-    ("not safetensors", "not a safetensors file"),
-    ("resnet", "no position embeddings"),
-])
-def test_bad_weights_are_one_line_and_exit_2(tmp_path, case, message):
-    if case == "missing":
-        weights = str(tmp_path / "nowhere" / "model.safetensors")
-    elif case == "not safetensors":
-        weights = write_export(str(tmp_path / "w"), data=b"not a safetensors file at all")
-    else:
-        weights = write_export(str(tmp_path / "w"), model_name="R50x1", data=b"")
-    out = figures("--weights", weights, "--out", str(tmp_path / "figs"))
-    assert out.returncode == 2
-    assert out.stdout == ""
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert out.stderr.startswith("figures.py: error: ") and message in out.stderr
+def test_bad_weights_are_one_line_and_exit_2(tmp_path):
+    cases = {
+        "cannot be read": str(tmp_path / "nowhere" / "model.safetensors"),
+        "not a safetensors file": write_export(str(tmp_path / "a"), data=b"not a safetensors file at all"),
+        "no position embeddings": write_export(str(tmp_path / "b"), model_name="R50x1", data=b""),
+    }
+    argvs = [["--weights", weights, "--out", str(tmp_path / "figs")] for weights in cases.values()]
+    for message, (code, stderr) in zip(cases, main_of(SCRIPT, argvs)):
+        assert code == 2, stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("figures.py: error: ") and message in stderr
     assert not (tmp_path / "figs").exists()

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from tests.launch.conftest import main_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "finetune.py")
 
@@ -69,28 +71,8 @@ BAD_INPUTS = [
     (["--weights", "s3://vitscale-x/run/model.pt", "--data-root", "s3://vitscale-x/d"], ["not a vitscale export", "model.pt"]),
     (["--print-plan", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
 ]
-# Every bad input through the script's own main() in one interpreter (a process each cost ~4 s).
-_MANY = """
-import contextlib, io, json, runpy, sys
-main = runpy.run_path(sys.argv[1])["main"]
-results = []
-for argv in json.loads(sys.argv[2]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as stop:
-            code = stop.code
-    results.append([code, err.getvalue()])
-print(json.dumps(results))
-"""
-
-
 def test_bad_input_is_one_line_and_exit_2():
-    out = subprocess.run([sys.executable, "-c", _MANY, SCRIPT, json.dumps([a for a, _ in BAD_INPUTS])],
-                         capture_output=True, text=True, timeout=120, cwd="/")
-    assert out.returncode == 0, out.stderr
-    for (args, named), (code, stderr) in zip(BAD_INPUTS, json.loads(out.stdout.strip().splitlines()[-1])):
+    for (args, named), (code, stderr) in zip(BAD_INPUTS, main_of(SCRIPT, [a for a, _ in BAD_INPUTS])):
         assert code == 2, (args, stderr)
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, (args, stderr)
         for text in named:
