@@ -27,7 +27,7 @@ SCALE = 0.02
 def export(cluster):
     """A pretraining run's export, and the downstream sets under one data root."""
     bucket, _ = cluster
-    config = config_for(cluster, "ft-source", max_steps=8, checkpoint_every=8)
+    config = config_for(cluster, "ft-source", workers=1, max_steps=4, checkpoint_every=4)
     run_pretraining(config)
     root = f"{bucket}/downstream"
     for split in ("train", "test"):
@@ -81,7 +81,7 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     best = max(sweep.values(), key=lambda r: (r["accuracy"], -r["lr"]))["lr"]
     final = records[("CIFAR10", "final", best)]
     # The final trial: the picked LR, all of train, scored on digits' 360 test images. Far above
-    # chance (0.1): a ViT-Mu pretrained 8 steps on synthetic stripes, 200 steps of 32 digits at
+    # chance (0.1): a ViT-Mu pretrained 4 steps on synthetic stripes, 200 steps of 32 digits at
     # 16 px under inception crops.
     assert (final["eval_split"], final["train_split"], final["total"]) == ("test", "train", 360)
     assert final["accuracy"] >= 0.3, final
