@@ -178,7 +178,9 @@ def _vtab_row(label: str, entry: dict, tasks: list[dict], *, all_label: str | No
     if entry["mean"] is not None:
         figure = _percent(entry["mean"])
     else:
-        figure = "failed" if any(t["status"] == "failed" for t in tasks) else "not run"
+        # No figure: its tasks failed, did not run, or none of them was in this fan-out at all.
+        figure = ("failed" if any(t["status"] == "failed" for t in tasks) else "not run" if tasks
+                  else "not in this fan-out")
     lrs = {t["lr"] for t in tasks if t["lr"] is not None}
     steps = {t["steps"] for t in tasks if t["steps"] is not None}
     lr = _lr_text(lrs.pop()) if len(lrs) == 1 else "—"
@@ -229,9 +231,12 @@ def results_markdown(summary: dict, *, plots: list[str] = ()) -> str:
             figure = _percent(d["test_accuracy"]) if d["status"] == "done" else d["status"]
             lines.append(f"| {d['vtab_group']} | {name[len(VTAB_PREFIX):]} | {figure} | {_lr_text(d['lr'])} |"
                          f" {'—' if d['steps'] is None else d['steps']} |")
-        if summary["vtab"]["missing"]:
-            lines += ["", "VTAB tasks without a test figure: "
-                      + ", ".join(n[len(VTAB_PREFIX):] for n in summary["vtab"]["missing"]) + "."]
+        absent = [n for n in summary["vtab"]["missing"] if n not in vtab_tasks]
+        unscored = [n for n in summary["vtab"]["missing"] if n in vtab_tasks]
+        if unscored:
+            lines += ["", "VTAB tasks without a test figure: " + ", ".join(n[len(VTAB_PREFIX):] for n in unscored) + "."]
+        if absent:
+            lines += ["", "VTAB tasks not in this fan-out: " + ", ".join(n[len(VTAB_PREFIX):] for n in absent) + "."]
     problems = [(name, d) for name, d in datasets.items() if d["status"] != "done"]
     failed_sweeps = [(name, k, e) for name, d in datasets.items() for k, e in d["sweep_errors"].items()]
     if problems or failed_sweeps:

@@ -197,3 +197,11 @@ def test_write_results_round_trips(summary, tmp_path):
         assert json.load(f) == summary
     md = (out / "results.md").read_text()
     assert md.startswith(fr.results_markdown(summary)) and "![sweep-cifar10.png](sweep-cifar10.png)" in md
+
+
+def test_vtab_tasks_outside_the_fan_out_are_said_to_be_so_not_failed_or_not_run():
+    records = [done("VTAB/DTD", "final", 0.01, 600, steps=2500), failed("VTAB/SVHN", "final", 0.01, steps=2500)]
+    md = fr.results_markdown(fr.summarize(records, run="r", model="ViT-B/16", weights="w", weights_sha256="ab" * 32))
+    assert "| VTAB Structured (0 of 8 tasks) | not in this fan-out |" in md
+    assert "VTAB tasks without a test figure: SVHN." in md
+    assert "VTAB tasks not in this fan-out: Caltech101, CIFAR-100, Flowers102, Pets, Sun397, Patch Camelyon" in md
