@@ -58,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as err:  # pydantic's validation of a size
-        print(f"finetune.py: error: invalid {plan_size}: {str(err).splitlines()[-1].strip()}", file=sys.stderr)
-        return EXIT_USAGE
     if args.print_plan:
         print(json.dumps([t.public() for t in trials], indent=1))
         return 0

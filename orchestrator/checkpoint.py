@@ -984,8 +984,8 @@ def load_exported_weights(model: torch.nn.Module, url: str, *, sha256: str | Non
         data = read_bytes(url, factory)
     except DataSourceError as error:
         raise WeightsError(str(error)) from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise WeightsError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()[:12]} is not the {sha256[:12]} its record names")
+    if sha256 is not None and (found := hashlib.sha256(data).hexdigest()) != sha256:
+        raise WeightsError(f"{url}: sha256 {found[:12]} is not the {sha256[:12]} its record names")
     try:
         state = load_safetensors(data)
     except (SafetensorError, ValueError) as error:

@@ -24,9 +24,8 @@ import os
 import re
 from typing import Any
 
-from orchestrator.recipes import VTAB_TASKS
+from orchestrator.recipes import VTAB_PREFIX, VTAB_TASKS
 
-VTAB_PREFIX = "VTAB/"
 VTAB_DATASETS = {group: tuple(VTAB_PREFIX + task for task in tasks) for group, tasks in VTAB_TASKS.items()}
 VTAB_TASK_COUNT = sum(len(tasks) for tasks in VTAB_DATASETS.values())
 _VTAB_GROUP_OF = {name: group for group, names in VTAB_DATASETS.items() for name in names}

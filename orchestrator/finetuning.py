@@ -38,10 +38,11 @@ import tempfile
 import time
 from typing import Any, Callable, ClassVar, Literal
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import recipes
-from orchestrator.config import ConfigError, TrialConfig
+from orchestrator.config import ConfigError, TrialConfig, _one_line
 
 OUTPUT = "runs"  # local folder for the results (gitignored), as the dry run's
 _DATASET_DIRS = {
@@ -133,6 +134,13 @@ def plan_trials(datasets: list[str], *, steps_scale: float = 1.0, image_size: in
     """
     if not steps_scale > 0:
         raise ConfigError(f"invalid steps_scale={steps_scale!r}: must be > 0")
+    try:
+        return _plan(datasets, steps_scale, image_size, batch_size)
+    except pydantic.ValidationError as error:  # a size out of bounds: one line
+        raise ConfigError(_one_line(error)) from None
+
+
+def _plan(datasets: list[str], steps_scale: float, image_size: int | None, batch_size: int | None) -> list[Trial]:
     shared = recipes.FINETUNE_SHARED
     trials = []
     for dataset in datasets:
@@ -568,9 +576,7 @@ def settings_for(weights: str, record: dict, data_root: str, *, results: str | N
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return FanoutSettings(**values)
-    except Exception as error:  # pydantic's ValidationError: one line
-        from orchestrator.config import _one_line
-
+    except pydantic.ValidationError as error:
         raise ConfigError(_one_line(error)) from None
 
 
