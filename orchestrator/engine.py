@@ -10,6 +10,7 @@ recomputes it from the step counter alone.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from orchestrator.config import PretrainConfig
@@ -81,6 +82,45 @@ def init_one_rank(*, use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
+# DeepSpeed (ZeRO's optimizer check and its gradient reduction) imports its Muon optimizer, and
+# that module torch.compiles three functions at import: `torch.compile(fn)` loads the whole of
+# torch._inductor, ~3 s of every worker's start on a CPU, for functions only Muon calls.
+MUON_MODULES = ("deepspeed.runtime.zero.muon.original_muon", "deepspeed.runtime.zero.muon.muon_optimizer")
+
+
+def import_muon_lazily() -> None:
+    """Imports DeepSpeed's Muon modules with their `@compiler.compile()` deferred to each
+    function's first call (what torch.compile does anyway: it compiles on the first call), so
+    that a run without Muon never loads the compiler."""
+    if all(name in sys.modules for name in MUON_MODULES):
+        return
+    import functools
+    import importlib
+
+    import torch
+    from deepspeed.runtime import compiler
+
+    def on_first_call(fn):
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = torch.compile(fn)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    eager = compiler.compile
+    compiler.compile = lambda: on_first_call
+    try:
+        for name in MUON_MODULES:
+            importlib.import_module(name)
+    finally:
+        compiler.compile = eager
+
+
 def build_engine(config: PretrainConfig, *, use_gpu: bool):
     """Model (same initial weights on every rank) wrapped by deepspeed.initialize, compiled
     when the config says so (the first steps then take the compile time)."""
@@ -98,6 +138,7 @@ def build_engine(config: PretrainConfig, *, use_gpu: bool):
         dropout=config.dropout,
         masked_patch_prediction=config.objective == "masked-patch",
     )
+    import_muon_lazily()
     optimizer = None
     if config.optimizer == "sgd":  # a fine-tuning trial: from the exported weights, with SGD
         from orchestrator.checkpoint import load_exported_weights

@@ -307,10 +307,12 @@ def _trial_driver(params: dict) -> None:
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
+    from orchestrator.ray_workers import train_controller_env
     from orchestrator.train_loop import train_loop, worker_config
     from orchestrator.trainer import build_trainer
 
     config = TrialConfig.model_validate(params["trial"])
+    os.environ.update(train_controller_env())  # Ray Train hands it on to the trial's controller
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
     staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
     trainer = build_trainer(

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from orchestrator.config import ConfigError, PretrainConfig
+from orchestrator.ray_workers import train_controller_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,8 +116,9 @@ def connect_ray(config: PretrainConfig):
         # its own, so that worker sat idle all run long (and took ~80 MB).
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
                  _system_config={"prestart_worker_first_driver": False},
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
-                              "worker_process_setup_hook": "orchestrator.pretraining.quiet_local_workers"})
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                          **train_controller_env()},
+                              "worker_process_setup_hook": "orchestrator.ray_workers.quiet_local_workers"})
         _started_here = ray.get_runtime_context().gcs_address
     return ray
 
@@ -125,21 +127,6 @@ def ray_started_here(ray) -> bool:
     """Whether the Ray this process is connected to is the local one `connect_ray` started
     (and which goes with this process), not a cluster it joined."""
     return ray.is_initialized() and _started_here is not None and ray.get_runtime_context().gcs_address == _started_here
-
-
-def quiet_local_workers() -> None:
-    """Run in every worker process of the local Ray: Ray Train stops echoing each
-    `ray.train.report` (rank 0's progress line says it), and, where a Ray release brings back
-    the PlacementGroupCleaner that orchestrator/trainer.py leaves out here, that cleaner (which
-    can never reach the state API of a Ray without a dashboard) does not warn every second."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module logs under its file name
 
 
 def check_resources(config: PretrainConfig, ray) -> None:

@@ -18,14 +18,19 @@ def compiled() -> None:
     from orchestrator.engine import build_engine, init_one_rank
 
     init_one_rank(use_gpu=False)
-    engines = {}
+    engines, compiler_loaded = {}, {}
     for compile_model in (False, True):
         run = resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1, "torch_compile": compile_model},
                                       dry_run=True)
         engines[compile_model] = build_engine(run, use_gpu=False)
+        compiler_loaded[str(compile_model)] = "torch._inductor.compile_fx" in sys.modules
+    from deepspeed.runtime.zero.muon import original_muon
+
     keys = {flag: list(engine.module.state_dict()) for flag, engine in engines.items()}
     print("RESULT " + json.dumps({"is_compiled": {str(f): e.is_compiled for f, e in engines.items()},
-                                  "same_keys": keys[True] == keys[False], "keys": len(keys[True])}))
+                                  "same_keys": keys[True] == keys[False], "keys": len(keys[True]),
+                                  "compiler_loaded": compiler_loaded,
+                                  "muon_deferred": hasattr(original_muon.muon_update, "__wrapped__")}))
 
 
 def main(as_gpu: bool) -> None:

@@ -211,3 +211,23 @@ def test_loader_workers_fork_only_once_the_checkpoint_threads_are_done(data_work
     worker.loader, worker.checkpoints, worker._batches, worker.data_wait = Loader(), Checkpoints(), None, 0.0
     assert worker._next_batch() == {"key": ["a"]} and worker._next_batch() is None
     assert events == (["wait", "fork"] if data_workers else ["read"])
+
+
+def test_the_local_rays_train_controllers_poll_their_workers_every_half_second(cluster, monkeypatch):
+    """A run's end is seen at the controller's next poll (orchestrator/ray_workers.py): every
+    process of the local Ray has the interval, which Ray Train reads in its controller; a value
+    the user set wins."""
+    import ray
+
+    from orchestrator.ray_workers import train_controller_env
+
+    @ray.remote(num_cpus=0)
+    class Process:  # an actor, as a controller is: its process ends with it, none is left idle
+        def interval(self):
+            return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+    process = Process.remote()
+    assert ray.get(process.interval.remote()) == "0.5"
+    ray.kill(process)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert train_controller_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
