@@ -81,16 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     # handles them the same way and says where the run stands.
     with pretraining.signals_stop_the_run() as received:
         try:
+            report = None
             if config.dry_run:
-                fanout = dry_run.run(config)
+                fanout, report = dry_run.run(config)
             else:
                 pretraining.run_pretraining(config)
                 fanout = finetuning.run_after_pretraining(config)
-            if fanout is not None:  # the results table's path, last; a dataset without a figure: exit 1
-                summary, out = fanout
-                print(os.path.join(out, "results.md"), flush=True)
-                if not summary.get("complete"):
-                    return 1
+            # Last line: the report (dry run), else the results table; a dataset without a figure: exit 1.
+            if report is not None or fanout is not None:
+                print(report or os.path.join(fanout[1], "results.md"), flush=True)
+            if fanout is not None and not fanout[0].get("complete"):
+                return 1
         except ConfigError as err:  # preflight: data, checkpoint location, cluster resources
             print(f"pretrain.py: error: {err}", file=sys.stderr)
             return EXIT_USAGE

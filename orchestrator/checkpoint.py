@@ -492,6 +492,7 @@ class CheckpointManager:
         self.failures_total = 0
         self.last_error: str | None = None
         self.last_committed_step: int | None = None
+        self.commits: list[tuple[int, float]] = []  # rank 0: (step, wall time) of each commit, in order
         self.stall_seconds = 0.0  # training time spent inside save(): local save + waiting
         self.last_stall_seconds = 0.0
         self.upload_seconds = 0.0
@@ -582,6 +583,7 @@ class CheckpointManager:
             self.uploaded_bytes += sum(f.size for f in report.files)
             if self.rank == 0:
                 self.last_committed_step = step
+                self.commits.append((step, time.time()))
 
     def _upload_snapshots(self, files: _CheckpointFiles, snapshots: list[tuple[str, Any]], local: str,
                           step_url: str) -> list[FileEntry]:

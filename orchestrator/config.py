@@ -46,6 +46,12 @@ DRY_RUN = {
     "data_workers": 1,
     "log_every": 5,
     "metrics_address": "127.0.0.1",
+    # The fan-out over the dry run's stand-in downstream sets (orchestrator/dry_run.py): the
+    # table's trials and LR grids at 2% of their steps (CIFAR-10's 10000 -> 200), 16 px (the
+    # digits are 8 px), batch 32.
+    "finetune_steps_scale": 0.02,
+    "finetune_image_size": 16,
+    "finetune_batch_size": 32,
 }
 
 

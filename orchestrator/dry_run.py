@@ -10,6 +10,12 @@ run and stopped after it; not on a Ray cluster (RAY_ADDRESS set, as in a `ray jo
 driver), whose workers see the nodes' S3 settings only: there the cluster's S3 is used, and
 a dry run on a cluster without one stops at its preflight with a one-line error.
 
+When pretraining ends, launch/pretrain.py's own hand-over runs the fine-tuning fan-out, as in a
+real run. Without `--finetune-data` the dry run writes its own downstream sets first, beside
+the pretraining shards (`<data>/../downstream/`, the layout of the README): scikit-learn's real
+digits stand in for CIFAR-10 (its fixed split: every fifth image is test), generated sets of
+striped images for the table's other rows, and one VTAB task per group (STAND_INS).
+
 Every worker and the driver serve Prometheus metrics on 127.0.0.1. When the `prometheus`
 binary is installed (Debian: `apt-get install prometheus`), a real Prometheus scrapes the run
 and afterwards the Grafana dashboard's panels are drawn from it as PNG files into
@@ -27,6 +33,22 @@ from orchestrator.config import PretrainConfig
 
 BUCKET = "vitscale-dry-run"
 OUTPUT = "runs"  # local folder for what outlives the embedded S3 (gitignored)
+
+# The dry run's downstream sets, one per row of seed table 2 (VTAB: one task per group): name
+# -> (classes, train images, test images) of a generated set of striped images (a class is an
+# angle and a colour), or None for scikit-learn's real digits (1,797 images, 10 classes). The
+# held-out part of a sweep is carved from train as for the real sets (ImageNet 1%, ...).
+STAND_INS: dict[str, tuple[int, int, int] | None] = {
+    "ImageNet": (20, 800, 200),
+    "CIFAR100": (16, 600, 160),
+    "CIFAR10": None,
+    "Oxford-IIIT Pets": (6, 240, 120),
+    "Oxford Flowers-102": (8, 240, 120),
+    "VTAB/Caltech101": (5, 200, 100),  # natural
+    "VTAB/EuroSAT": (4, 200, 100),  # specialized
+    "VTAB/dSprites/location": (3, 200, 100),  # structured
+}
+STAND_IN_PIXELS = 32
 
 
 @contextlib.contextmanager
@@ -103,23 +125,85 @@ def ensure_shards(config: PretrainConfig, log: Callable[[str], None]) -> None:
     log(f"dry run: wrote {kind} shards to {config.data}: {summary.line()}")
 
 
-def run(config: PretrainConfig, log: Callable[[str], None] = print) -> tuple[dict, str] | None:
-    """Pretraining, then the fan-out when the config has fine-tuning data (as launch/pretrain.py
-    hands over in a real run): its (summary, results folder), else None."""
+def with_downstream(config: PretrainConfig, log: Callable[[str], None]) -> PretrainConfig:
+    """The config with its fine-tuning data: the given root, or the stand-ins (STAND_INS),
+    written beside the pretraining shards unless they are there already."""
+    if not config.finetune or config.finetune_data:
+        return config
+    from data_pipelines.manifest import load_shard_list
+    from data_pipelines.s3 import DataSourceError, join_location
+    from data_pipelines.synthetic import write_synthetic
+    from orchestrator.finetuning import dataset_dir, select_datasets
+
+    root = config.data.rstrip("/").rsplit("/", 1)[0] + "/downstream"
+    datasets = [d for d in select_datasets(config.finetune_datasets) if d in STAND_INS]
+    if not datasets:
+        from orchestrator.config import ConfigError
+
+        raise ConfigError(f"finetune_datasets={config.finetune_datasets!r}: the dry run's own downstream sets are "
+                          f"{', '.join(STAND_INS)}; give --finetune-data for others")
+    written = []
+    for seed, dataset in enumerate(datasets):
+        vtab = dataset.startswith("VTAB/")
+        for split in ("train800val200" if vtab else "train", "test"):
+            url = join_location(root, f"{dataset_dir(dataset)}/{split}")
+            try:
+                load_shard_list(url)
+                continue
+            except DataSourceError:
+                pass
+            size = STAND_INS[dataset]
+            if size is None:
+                write_synthetic("digits", url, image_size=STAND_IN_PIXELS, samples_per_shard=512,
+                                split="test" if split == "test" else "train")
+            else:
+                classes, train, test = size
+                write_synthetic("classification", url, num_samples=test if split == "test" else train,
+                                num_classes=classes, image_size=STAND_IN_PIXELS, samples_per_shard=512,
+                                seed=2 * seed + (split == "test"))
+            written.append(dataset)
+    if written:
+        written = list(dict.fromkeys(written))
+        said = [("the real digits as CIFAR10" if STAND_INS[d] is None else d) for d in written]
+        log(f"dry run: wrote downstream stand-ins to {root}: {', '.join(said)}")
+    return config.model_copy(update={"finetune_data": root, "finetune_datasets": ",".join(datasets)})
+
+
+def stand_ins_note(config: PretrainConfig) -> str:
+    """What the report says of the downstream sets of a dry run that wrote its own."""
+    from orchestrator.finetuning import select_datasets
+
+    chosen = [d for d in select_datasets(config.finetune_datasets) if d in STAND_INS]
+    generated = [f"{d} ({STAND_INS[d][0]} classes, {STAND_INS[d][1]} train / {STAND_INS[d][2]} test images)"
+                 for d in chosen if STAND_INS[d] is not None]
+    digits = ("scikit-learn's real digits stand in for CIFAR10 (8 px images upscaled to "
+              f"{STAND_IN_PIXELS} px; every fifth image is test); " if "CIFAR10" in chosen else "")
+    return (f"These are the dry run's stand-ins, not the paper's datasets: {digits}generated sets of striped images "
+            f"(a class is an angle and a colour) for {', '.join(generated)}. Their figures say whether the path "
+            f"works, not what ViT scores on the real sets.")
+
+
+def run(config: PretrainConfig, log: Callable[[str], None] = print) -> tuple[tuple[dict, str] | None, str]:
+    """Pretraining, then the fan-out (launch/pretrain.py's own hand-over, as in a real run) over
+    the given fine-tuning data or the stand-ins, then the report: ((summary, results folder) of
+    the fan-out or None, the report's local path)."""
     from orchestrator.finetuning import run_after_pretraining
     from orchestrator.pretraining import run_pretraining
+    from orchestrator.report import write_report
 
     with storage_for(config, log) as config:
         ensure_shards(config, log)
+        given = config.finetune_data
+        config = with_downstream(config, log)
         with observed(config, log) as (config, plot):
             metrics = run_pretraining(config, log=log, metrics_linger=2.0)
             if not metrics.get("nothing_to_train"):
                 plot()
-        outcome = run_after_pretraining(config, log)
-    if outcome is None and config.finetune:
-        log("dry run: no fine-tuning data (--finetune-data), so no fan-out; the dry run's own stand-in downstream "
-            "sets are not built yet")
-    return outcome
+        fanout = run_after_pretraining(config, log)
+        panels = os.path.join(OUTPUT, config.run_name, "metrics")
+        report = write_report(config, fanout=fanout, metric_plots=panels if os.path.isdir(panels) else None, log=log,
+                              note=None if given or not config.finetune else stand_ins_note(config))
+        return fanout, report
 
 
 @contextlib.contextmanager

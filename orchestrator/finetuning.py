@@ -434,6 +434,9 @@ def _run_trials(configs: list[TrialConfig], *, settings: FanoutSettings, phase: 
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[progress.callback(lambda t: _figure(by_name[t["trial"]]))]),
     )
+    # Tune's console output (a table at each Tuner's start, the experiment's paths) would come
+    # between the fan-out's own lines; with its older reporter, verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid = tuner.fit()
     errors = {}
     for result in grid:

@@ -133,6 +133,11 @@ def weights_url(config: PretrainConfig) -> str:
     return _weights_file(config, "model.safetensors")
 
 
+def history_url(config: PretrainConfig) -> str:
+    """Where rank 0 keeps the run's own history of what it logged (orchestrator/report.py reads it)."""
+    return join_location(run_url(config), "history")
+
+
 def weights_record_url(config: PretrainConfig) -> str:
     """Beside the weights, written after them: {"step", "sha256", "weights"}. The driver reads it
     to see that a run is finished without scheduling anything (pretraining.finished_run)."""
@@ -205,6 +210,10 @@ class _Worker:
         self.rollbacks = 0
         self._batches = None
         self.metrics = self._start_metrics(local_rank, float(config.get("metrics_linger") or 0.0))
+        # Rank 0's history of a pretraining run: its progress rows and its checkpoints' commits,
+        # written at each checkpoint as one small part holding what is new since the last.
+        self.history = [] if rank == 0 and not isinstance(self.run_config, TrialConfig) else None
+        self._commits_in_history = 0
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -250,8 +259,10 @@ class _Worker:
                 window_start, window_images = time.perf_counter(), 0
             if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                 self._save()
+                self._write_history()
                 self._report_to_ray()
         self.checkpoints.close()
+        self._write_history()
         self._step_metrics()
         if self.checkpoints.last_committed_step != run.steps and self.rank == 0:
             self.log(f"warning: the final checkpoint (step {run.steps}) did not commit: {self.checkpoints.last_error}")
@@ -595,7 +606,34 @@ class _Worker:
                "checkpoint_failures_total": self.checkpoints.failures_total,
                "checkpoint_stall_seconds": self.checkpoints.stall_seconds, **metrics}
         self._last_row = row
+        if self.history is not None:
+            self.history.append({**row, "time": round(time.time(), 3)})
         self.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    def _write_history(self) -> None:
+        """Rank 0: the rows logged and the commits seen since the last part, as one JSON-lines
+        part under history/, named by wall time so that a resumed run's parts sort after the
+        first attempt's (orchestrator/report.py merges them: a later row of a step wins). A part
+        is a few KB: constant work per checkpoint, however long the run."""
+        if self.history is None:
+            return
+        commits = self.checkpoints.commits[self._commits_in_history:]
+        if not self.history and not commits:
+            return
+        from data_pipelines.s3 import DataSourceError
+        from data_pipelines.storage import write_bytes
+
+        lines = [json.dumps(row) for row in self.history]
+        lines += [json.dumps({"commit": step, "time": round(at, 3)}) for step, at in commits]
+        name = f"{time.time_ns() // 1_000_000:015d}-step-{self.step:08d}.jsonl"
+        try:
+            write_bytes(join_location(history_url(self.run_config), name), ("\n".join(lines) + "\n").encode(),
+                        self.checkpoints.factory)
+        except DataSourceError as error:  # the run goes on; its report lacks these rows
+            self.log(f"warning: {error}: the run's history part was not written")
+            return
+        self.history.clear()
+        self._commits_in_history += len(commits)
 
     def _report_to_ray(self) -> None:
         """The last progress row to Ray Train (the driver's `result.metrics`), at checkpoints
