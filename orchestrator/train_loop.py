@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -41,6 +42,13 @@ from orchestrator.schedule import learning_rate
 NONFINITE_ROLLBACK = 3
 # Worker metrics ports a node offers (metrics_port + 1 .. + 8: the PodMonitor's metrics-0..7).
 METRICS_PORTS_PER_NODE = 8
+
+
+# A fine-tuning trial's routine lines (_Worker.log): its start, progress rows, epochs, commits,
+# export, score and end.
+ROUTINE_TRIAL_LINE = re.compile(
+    r"training |no checkpoint to resume|epoch \d+ begins|step \d+ nonfinite_total |checkpoint step \d+ committed|"
+    r"exported weights to |finished at step |metrics at |\S.*: (held-out|test|train|val).* accuracy ")
 
 
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
@@ -171,6 +179,8 @@ class _Worker:
     def __init__(self, config: dict[str, Any], rank: int, world_size: int, local_rank: int = 0, *,
                  under_ray: bool = False):
         self.under_ray = under_ray
+        self.rank = rank
+        self.trial_log: list[str] | None = [] if "trial_url" in config["run"] else None
         from data_pipelines.stream import ShardLoader
         from orchestrator.engine import build_engine
 
@@ -216,11 +226,20 @@ class _Worker:
         self._commits_in_history = 0
 
     def log(self, message: str) -> None:
-        if self.rank == 0:
-            # Ray Train routes `print` through its logger and also echoes it, which doubles
-            # every line in the driver's output; the process's own stdout shows it once.
-            sys.__stdout__.write(message + "\n")
-            sys.__stdout__.flush()
+        if self.rank != 0:
+            return
+        if self.trial_log is not None:
+            # A fine-tuning trial keeps its routine lines in log.txt beside its result.json:
+            # the fan-out's driver says when each trial starts and ends, and a dry run's 28
+            # trials would bury that under some 500 lines. Warnings and the unusual (a
+            # resume, a non-finite loss, a rollback, a failed commit) are printed as well.
+            self.trial_log.append(message)
+            if ROUTINE_TRIAL_LINE.match(message):
+                return
+        # Ray Train routes `print` through its logger and also echoes it, which doubles
+        # every line in the driver's output; the process's own stdout shows it once.
+        sys.__stdout__.write(message + "\n")
+        sys.__stdout__.flush()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -447,8 +466,10 @@ class _Worker:
                   "model": run.model, "image_size": run.image_size, "batch_size": run.global_batch_size,
                   "warmup_steps": run.warmup_steps, **({"weights": weights_url(run), "fine_tuned_sha256": digest}
                                                        if digest else {})}
-        write_bytes(result_url(run), json.dumps(record, indent=1).encode(), self.checkpoints.factory)
         self.log(f"{run.trial}: {run.eval_split} accuracy {score['accuracy']:.4f} ({score['correct']}/{score['total']})")
+        write_bytes(join_location(run.trial_url, "log.txt"), ("\n".join(self.trial_log) + "\n").encode(),
+                    self.checkpoints.factory)
+        write_bytes(result_url(run), json.dumps(record, indent=1).encode(), self.checkpoints.factory)
         try:
             delete_prefix(checkpoint_url(run), self.checkpoints.factory)
         except Exception as error:  # the result stands; the checkpoints only take room

@@ -102,6 +102,13 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     on_s3 = list_prefix(results)
     assert {"results.json", "results.md", "sweep-cifar10.png"} <= set(on_s3)
     assert not [n for n in on_s3 if "/checkpoints/" in n and not n.startswith("vtab/caltech101/")]
+    # Each finished trial's routine lines are in log.txt beside its result.json, not in the
+    # driver's output (28 trials of a dry run would bury the fan-out's own lines); the resume
+    # above is printed as well.
+    assert all(name.replace("result.json", "log.txt") in on_s3 for name in on_s3 if name.endswith("result.json"))
+    trial_log = read_bytes(f"{results}/cifar10/final-lr{best:g}/log.txt").decode()
+    assert "training ViT-Mu/4" in trial_log and "finished at step 200" in trial_log and "test accuracy" in trial_log
+    assert "/cifar10/train: steps 0 -> 200" not in printed  # a trial worker's "training ..." line
     table = open(os.path.join(out, "results.md")).read()
     assert "| CIFAR-10 |" in table and "failed" in table
 
