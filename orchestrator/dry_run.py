@@ -143,7 +143,8 @@ def with_downstream(config: PretrainConfig, log: Callable[[str], None]) -> Pretr
         raise ConfigError(f"finetune_datasets={config.finetune_datasets!r}: the dry run's own downstream sets are "
                           f"{', '.join(STAND_INS)}; give --finetune-data for others")
     written = []
-    for seed, dataset in enumerate(datasets):
+    for dataset in datasets:
+        seed = list(STAND_INS).index(dataset)  # each set the same whichever rows a run picks
         vtab = dataset.startswith("VTAB/")
         for split in ("train800val200" if vtab else "train", "test"):
             url = join_location(root, f"{dataset_dir(dataset)}/{split}")
@@ -178,9 +179,10 @@ def stand_ins_note(config: PretrainConfig) -> str:
                  for d in chosen if STAND_INS[d] is not None]
     digits = ("scikit-learn's real digits stand in for CIFAR10 (8 px images upscaled to "
               f"{STAND_IN_PIXELS} px; every fifth image is test); " if "CIFAR10" in chosen else "")
-    return (f"These are the dry run's stand-ins, not the paper's datasets: {digits}generated sets of striped images "
-            f"(a class is an angle and a colour) for {', '.join(generated)}. Their figures say whether the path "
-            f"works, not what ViT scores on the real sets.")
+    striped = (f"generated sets of striped images (a class is an angle and a colour) for {', '.join(generated)}"
+               if generated else "")
+    return (f"These are the dry run's stand-ins, not the paper's datasets: {(digits + striped).rstrip('; ')}. Their "
+            f"figures say whether the path works, not what ViT scores on the real sets.")
 
 
 def run(config: PretrainConfig, log: Callable[[str], None] = print) -> tuple[tuple[dict, str] | None, str]:
@@ -195,13 +197,13 @@ def run(config: PretrainConfig, log: Callable[[str], None] = print) -> tuple[tup
         ensure_shards(config, log)
         given = config.finetune_data
         config = with_downstream(config, log)
+        panels = None  # the dashboard's panels, when a local Prometheus drew them for this run
         with observed(config, log) as (config, plot):
             metrics = run_pretraining(config, log=log, metrics_linger=2.0)
             if not metrics.get("nothing_to_train"):
-                plot()
+                panels = plot()
         fanout = run_after_pretraining(config, log)
-        panels = os.path.join(OUTPUT, config.run_name, "metrics")
-        report = write_report(config, fanout=fanout, metric_plots=panels if os.path.isdir(panels) else None, log=log,
+        report = write_report(config, fanout=fanout, metric_plots=panels, log=log,
                               note=None if given or not config.finetune else stand_ins_note(config))
         return fanout, report
 
@@ -231,7 +233,7 @@ def observed(config: PretrainConfig, log: Callable[[str], None]):
     log(f"dry run: Prometheus at {prometheus.url} scraping {', '.join(targets)}")
     began = time.time()
 
-    def plot() -> None:
+    def plot() -> str:
         from data_pipelines.s3 import join_location
         from data_pipelines.transfer import upload_file
         from orchestrator.metric_plots import plot_dashboard
@@ -242,6 +244,7 @@ def observed(config: PretrainConfig, log: Callable[[str], None]):
         for path in pictures:
             upload_file(path, join_location(remote, os.path.basename(path)))
         log(f"dry run: {len(pictures)} metric plots from Prometheus in {os.path.join(out, 'metrics')} and {remote}")
+        return os.path.join(out, "metrics")
 
     try:
         yield config, plot

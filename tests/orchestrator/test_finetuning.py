@@ -107,7 +107,7 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     # above is printed as well.
     assert all(name.replace("result.json", "log.txt") in on_s3 for name in on_s3 if name.endswith("result.json"))
     trial_log = read_bytes(f"{results}/cifar10/final-lr{best:g}/log.txt").decode()
-    assert "training ViT-Mu/4" in trial_log and "finished at step 200" in trial_log and "test accuracy" in trial_log
+    assert "training ViT-Mu/4 on " in trial_log and "step 200 nonfinite_total " in trial_log and ": test accuracy " in trial_log
     assert "/cifar10/train: steps 0 -> 200" not in printed  # a trial worker's "training ..." line
     table = open(os.path.join(out, "results.md")).read()
     assert "| CIFAR-10 |" in table and "failed" in table
