@@ -106,7 +106,7 @@ def connect_ray(config: PretrainConfig):
         if config.dry_run:
             # Room for the workers and the driver, and for two fine-tuning trials at once: a
             # trial spends seconds starting its processes on one core, time the other trial
-            # trains in (28 trials of a dry run: 12.4 -> ? min on a 2-core machine).
+            # trains in (a whole dry run, 28 trials: 12.4 -> 9.8 min on a 2-core machine).
             cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1, 3)
         # No dashboard: with it the orchestrated step was 5% slower on a 2-core machine
         # (train_step_vs_bare_deepspeed 0.95 -> 0.90). Ray Train's PlacementGroupCleaner,
