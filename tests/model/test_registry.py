@@ -202,3 +202,24 @@ def test_masked_patch_prediction_is_for_plain_vits_only():
 def test_image_size_must_be_a_multiple_of_the_stride():
     with pytest.raises(ValueError, match="200"):
         build_model("ViT-B/16", num_classes=10, image_size=200, device="meta")
+
+
+def test_names_and_run_configs_are_checked_without_importing_torch():
+    """The command lines check their arguments (model names, a whole run config) through
+    model/specs.py: no torch import, which alone takes ~3 s on a 2-core machine."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    probe = ("import sys; from model import MODEL_NAMES, model_spec; from orchestrator.config import "
+             "resolve_pretrain_config; resolve_pretrain_config('ViT-B/16', 'JFT-300M', {}); "
+             "assert model_spec('ViT-Mu/4').width == 64 and len(MODEL_NAMES) == 18; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
+    # The package's other names still import from it, on first use.
+    import model
+
+    assert model.build_model is build_model and "build_model" in dir(model)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        model.nothing  # noqa: B018
