@@ -64,6 +64,19 @@ def _engine_settings(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
     }
 
 
+def use_the_interpreters_ninja() -> None:
+    """Puts this interpreter's bin folder first on PATH when it holds a `ninja` (the one pinned in
+    constraints.txt). DeepSpeed JIT-builds its CPU communication op in every process's first
+    engine (torch.utils.cpp_extension, which runs the `ninja` found on PATH, into one cache
+    folder per user). A second ninja on PATH (a system one: `python` run without its venv's bin,
+    as `make` does) hashes the build log in another way, so each ninja rebuilds what the other
+    built: ~30 s of a worker's start on 2 cores, in turn. One install, one ninja."""
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(here, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + path if path else here
+
+
 def init_one_rank(*, use_gpu: bool) -> None:
     """torch.distributed of this process alone, on a free loopback port (NCCL on GPU 0, gloo
     otherwise): what `build_engine` needs outside Ray Train (benchmarks, tests, a worker run
@@ -79,6 +92,7 @@ def init_one_rank(*, use_gpu: bool) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if use_gpu:
         torch.cuda.set_device(0)
+    use_the_interpreters_ninja()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
@@ -139,6 +153,7 @@ def build_engine(config: PretrainConfig, *, use_gpu: bool):
         masked_patch_prediction=config.objective == "masked-patch",
     )
     import_muon_lazily()
+    use_the_interpreters_ninja()
     optimizer = None
     if config.optimizer == "sgd":  # a fine-tuning trial: from the exported weights, with SGD
         from orchestrator.checkpoint import load_exported_weights

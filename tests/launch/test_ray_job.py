@@ -41,7 +41,11 @@ def head(s3_server, tmp_path_factory):
     assert head_params == {"num-cpus": "0"}, "the fixture starts the head with these; update it with them"
     dashboard, gcs = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
+    # The user's own cache (not the fresh HOME's): DeepSpeed's JIT-built CPU communication op is
+    # there already, built by the suite's first engine; in an empty cache each new node's first
+    # workers would build it again (~100 s on this 2-core machine).
     env.update(s3_server.environment(), PATH=f"{BIN}:{env.get('PATH', '')}", HOME=str(home),
+               XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                PYTHONPATH=pythonpath.replace("/home/ray/vitscale", ROOT))
     # Each pod has its own IP and disk; here the second node takes ports and a temp dir of its

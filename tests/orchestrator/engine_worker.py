@@ -169,8 +169,21 @@ def adamw() -> None:
     print("RESULT " + json.dumps(result))
 
 
+def ninja() -> None:
+    """A rank's process group as every engine starts it: DeepSpeed's CPU communication op loaded."""
+    import deepspeed.comm.comm as dist
+
+    from orchestrator.engine import init_one_rank
+
+    init_one_rank(use_gpu=False)
+    print("RESULT " + json.dumps({"comm_op": dist.cdb.shm_comm_op is not None,
+                                  "first_on_path": os.environ["PATH"].split(os.pathsep)[0]}))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "compiled":
+    if sys.argv[1] == "ninja":
+        ninja()
+    elif sys.argv[1] == "compiled":
         compiled()
     elif sys.argv[1] == "adamw":
         adamw()

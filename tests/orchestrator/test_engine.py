@@ -17,12 +17,26 @@ from orchestrator.train_loop import model_input
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_worker.py")
 
 
-def run_worker(config: str, *args: str) -> dict:
+def run_worker(config: str, *args: str, env: dict | None = None) -> dict:
     # A process of its own: DeepSpeed's process group would outlive the test in pytest's.
-    proc = subprocess.run([sys.executable, WORKER, config, *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, WORKER, config, *args], capture_output=True, text=True, timeout=300,
+                          env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_deepspeeds_comm_op_is_built_by_the_interpreters_own_ninja_whatever_path_says(tmp_path):
+    """Another ninja first on PATH (a system one) would hash the build log in its own way, and
+    each would rebuild the op that the other built (~30 s of a worker's start here)."""
+    here = os.path.dirname(sys.executable)
+    other, calls = tmp_path / "bin", tmp_path / "calls"
+    other.mkdir()
+    (other / "ninja").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {here}/ninja "$@"\n')
+    (other / "ninja").chmod(0o755)
+    result = run_worker("ninja", env=dict(os.environ, PATH=f"{other}{os.pathsep}{os.environ['PATH']}"))
+    assert result == {"comm_op": True, "first_on_path": here}
+    assert not calls.exists(), calls.read_text()
 
 
 @pytest.mark.parametrize("config", ["gpu-config", "cpu-config"])
