@@ -15,8 +15,9 @@ The protocol (paper appendix B.1.1; big_vision configs/transfer.py):
 Every trial is a Ray Train run of the pretraining worker (orchestrator/train_loop.py with a
 TrialConfig: the exported weights, a zero head, 384 px, SGD), scheduled by Ray Tune as Ray
 documents for Train v2: a Tuner over a function that builds and fits the trial's trainer
-(`_trial_driver`), at most `max_concurrent_trials` at once, no early-stopping scheduler (ray
-#54305 leaks placement groups). Phase one runs the sweeps and the trials whose LR is known;
+(`_trial_driver`), at most `max_concurrent_trials` training at once and one more getting ready
+(its processes start while the others train; it waits for a turn: orchestrator/trial_gate.py),
+no early-stopping scheduler (ray #54305 leaks placement groups). Phase one runs the sweeps and the trials whose LR is known;
 phase two the finals the sweeps chose. A trial's record is its result.json, written by its
 rank 0 when its evaluation ends; the same command again schedules nothing for a trial that
 has one and resumes the others from their checkpoints.
@@ -318,14 +319,20 @@ def _trial_driver(params: dict) -> None:
     trainer = build_trainer(
         train_loop,
         train_loop_config=worker_config(config, staging_dir=staging, fail_at_step=params["faults"].get(config.trial),
-                                        record_dir=params.get("record_dir")),
+                                        record_dir=params.get("record_dir"), trial_gate=params.get("gate")),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
                              storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
         local=params["local"],
     )
-    trainer.fit()  # raises when the trial keeps failing past max_failures
+    try:
+        trainer.fit()  # raises when the trial keeps failing past max_failures
+    finally:
+        if params.get("gate"):  # rank 0 gave the turn back with its result.json; not if it failed
+            from orchestrator.trial_gate import leave
+
+            leave(params["gate"], config.trial)
     record = read_result(config)
     if record is None:
         raise RuntimeError(f"{config.trial}: training ended without a result.json")
@@ -355,8 +362,10 @@ class _Progress:
         self.bar.refresh()
         self._update()
 
-    def callback(self, figure_of: Callable[[dict], str]):
+    def callback(self, figure_of: Callable[[dict], str], gate: str | None = None):
         from ray import tune
+
+        from orchestrator.trial_gate import leave
 
         progress = self
 
@@ -376,6 +385,8 @@ class _Progress:
                 progress._end(trial, ok=True, figure=figure_of(trial.config["trial"]))
 
             def on_trial_error(self, iteration, trials, trial, **info):
+                if gate:  # its driver may have died holding the turn
+                    leave(gate, trial.config["trial"]["trial"])
                 progress._end(trial, ok=False, figure="failed")
 
         return Callback()
@@ -401,7 +412,10 @@ def _inert_callback():
 
 
 def concurrency(ray, settings: FanoutSettings) -> int:
-    """Trials the cluster can hold at once: its accelerators (or CPUs) over one trial's."""
+    """Trials that train at once: the cluster's free accelerators over one trial's. On CPUs
+    alone, one trial's CPUs are kept for the trial getting ready beside them (its workers start
+    and build their engine while the others train, then wait for a turn: trial_gate.py); with
+    accelerators, the next trial's workers wait for a running trial's accelerators."""
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
     available = ray.available_resources()  # free now: pretraining has ended
@@ -409,35 +423,46 @@ def concurrency(ray, settings: FanoutSettings) -> int:
     if settings.gpus_per_worker:
         fits = available.get("GPU", 0.0) / (workers * settings.gpus_per_worker)
     else:
-        fits = (available.get("CPU", 0.0) - 0.5) / (workers * settings.cpus_per_worker)
+        fits = (available.get("CPU", 0.0) - 0.5) / (workers * settings.cpus_per_worker) - 1
     return max(1, int(fits))
 
 
 def _run_trials(configs: list[TrialConfig], *, settings: FanoutSettings, phase: str, ray_local: bool, progress: _Progress,
                 faults: dict, record_dir: str | None) -> dict[str, str]:
-    """Runs the trials through one Ray Tune Tuner; returns trial name -> error of those that failed."""
+    """Runs the trials through one Ray Tune Tuner; returns trial name -> error of those that failed.
+    `settings.max_concurrent_trials` train at once; with more trials than that, Tune runs one
+    more, which gets ready while they train and waits for a turn (orchestrator/trial_gate.py)."""
+    import ray
     from ray import tune
 
+    from orchestrator.trial_gate import TrialGate
+
     by_name = {c.trial: c for c in configs}
+    turns = settings.max_concurrent_trials
+    gate, gate_name = TrialGate.start(ray, turns) if len(configs) > turns else (None, None)
     trainable = tune.with_resources(_trial_driver, {"CPU": 0.01})  # 0 is refused (DESIGN.md)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([c.model_dump(mode="json") for c in configs]), "local": ray_local,
-                     "faults": faults, "record_dir": record_dir},
+                     "faults": faults, "record_dir": record_dir, "gate": gate_name},
         # reuse_actors: a trial's driver process (it only builds and fits the trainer) serves the
         # next trial too, one Ray worker process fewer to start per trial.
-        tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials, reuse_actors=True,
+        tune_config=tune.TuneConfig(max_concurrent_trials=turns + (gate is not None), reuse_actors=True,
                                     trial_name_creator=lambda t: slug(t.config["trial"]["trial"]),
                                     trial_dirname_creator=lambda t: slug(t.config["trial"]["trial"])),
         run_config=tune.RunConfig(name=f"{settings.run}-finetune-{phase}-{int(time.time())}", verbose=0,
                                   storage_path=os.path.join(tempfile.gettempdir(), "vitscale-tune"),
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[progress.callback(lambda t: _figure(by_name[t["trial"]]))]),
+                                  callbacks=[progress.callback(lambda t: _figure(by_name[t["trial"]]), gate_name)]),
     )
     # Tune's console output (a table at each Tuner's start, the experiment's paths) would come
     # between the fan-out's own lines; with its older reporter, verbose=0 prints nothing.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        if gate is not None:
+            ray.kill(gate)
     errors = {}
     for result in grid:
         name = result.config["trial"]["trial"]

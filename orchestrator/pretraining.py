@@ -104,10 +104,11 @@ def connect_ray(config: PretrainConfig):
         # gets what the machine has, so the resource check below means something.
         cpus = os.cpu_count() or 1
         if config.dry_run:
-            # Room for the workers and the driver, and for two fine-tuning trials at once: a
-            # trial spends seconds starting its processes on one core, time the other trial
-            # trains in (a whole dry run, 28 trials: 12.4 -> 9.8 min on a 2-core machine).
-            cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1, 3)
+            # Room for the workers and the driver, and for two fine-tuning trials at once and a
+            # third getting ready (finetuning.concurrency): a trial spends seconds starting its
+            # processes, time the others train in (a whole dry run, 28 trials: 12.4 -> 9.8 min
+            # on a 2-core machine with 2 at once and no third).
+            cpus = max(cpus, math.ceil(config.workers * config.cpus_per_worker) + 1, 4)
         # No dashboard: with it the orchestrated step was 5% slower on a 2-core machine
         # (train_step_vs_bare_deepspeed 0.95 -> 0.90). Ray Train's PlacementGroupCleaner,
         # which would ask the dashboard's state API, is not started on this Ray (it goes with

@@ -44,17 +44,18 @@ NONFINITE_ROLLBACK = 3
 METRICS_PORTS_PER_NODE = 8
 
 
-# A fine-tuning trial's routine lines (_Worker.log): its start, progress rows, epochs, commits,
-# export, score and end.
+# A fine-tuning trial's routine lines (_Worker.log): its start, its wait for a turn, progress
+# rows, epochs, commits, export, score and end.
 ROUTINE_TRIAL_LINE = re.compile(
     r"training |no checkpoint to resume|epoch \d+ begins|step \d+ nonfinite_total |checkpoint step \d+ committed|"
-    r"exported weights to |finished at step |metrics at |\S.*: (held-out|test|train|val).* accuracy ")
+    r"exported weights to |finished at step |metrics at |\S.*: (held-out|test|train|val).* accuracy |"
+    r"\S.*: ready, waited [\d.]+ s for a turn$")
 
 
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
                   nan_loss_at: dict[int, int] | None = None, nan_grad_at: dict[int, int] | None = None,
                   metrics_linger: float = 0.0, starts_prefix: str | None = None,
-                  fail_at_step: dict | None = None) -> dict[str, Any]:
+                  fail_at_step: dict | None = None, trial_gate: str | None = None) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -71,11 +72,13 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             (metrics.WorkerGroupStarts; the driver's restart counter).
         fail_at_step: fault injection for tests: {"step": n, "how": "raise" | "kill"}
             (_Worker._inject_failure).
+        trial_gate: a fine-tuning trial's: the name of the fan-out's TrialGate actor, whose
+            turn the ranks wait for, ready to train (orchestrator/trial_gate.py).
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
             "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()},
             "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger,
-            "starts_prefix": starts_prefix, "fail_at_step": fail_at_step}
+            "starts_prefix": starts_prefix, "fail_at_step": fail_at_step, "trial_gate": trial_gate}
 
 
 def train_augmentation(run: PretrainConfig):
@@ -189,6 +192,7 @@ class _Worker:
         self.rank, self.world_size = rank, world_size
         self.record_dir = config.get("record_dir")
         self.starts_prefix = config.get("starts_prefix")
+        self.trial_gate = config.get("trial_gate")
         self.nan_loss_at = {int(k): v for k, v in (config.get("nan_loss_at") or {}).items()}
         self.nan_grad_at = {int(k): v for k, v in (config.get("nan_grad_at") or {}).items()}
         run = self.run_config
@@ -246,6 +250,7 @@ class _Worker:
     def run(self) -> None:
         run = self.run_config
         self._restore()
+        self._wait_for_turn()
         self._announce_start()
         self._step_metrics()  # the step it starts from is known now (alerts count the ranks by it)
         self._record(f"start {self.step} pid {os.getpid()}")
@@ -394,6 +399,17 @@ class _Worker:
         else:
             self.log("no checkpoint to resume from: starting at step 0")
 
+    def _wait_for_turn(self) -> None:
+        """A trial started while others train waits here, ready (engine built, checkpoint
+        restored), until the fan-out gives it a turn; its wall time counts from then."""
+        if not (self.trial_gate and self.under_ray and isinstance(self.run_config, TrialConfig)):
+            return
+        from orchestrator.trial_gate import wait_for_turn
+
+        waited = wait_for_turn(self.trial_gate, self.run_config.trial)
+        self.started_at = time.time()
+        self.log(f"{self.run_config.trial}: ready, waited {waited:.1f} s for a turn")
+
     def _parameters_finite(self) -> bool:
         finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
         return self._agree(True, finite)[1]
@@ -461,7 +477,8 @@ class _Worker:
         record = {"dataset": run.dataset, "stage": run.stage, "lr": run.base_lr, "steps": run.steps, "status": "done",
                   "accuracy": score["accuracy"], "correct": score["correct"], "total": score["total"],
                   "train_split": run.train_split, "eval_split": run.eval_split,
-                  "wall_seconds": round(time.time() - self.started_at, 3),
+                  "wall_seconds": round(time.time() - self.started_at, 3), "began_at": round(self.started_at, 3),
+                  "ended_at": round(time.time(), 3),
                   "eval_seconds": round(time.perf_counter() - began, 3), "weights_sha256": run.weights_sha256,
                   "model": run.model, "image_size": run.image_size, "batch_size": run.global_batch_size,
                   "warmup_steps": run.warmup_steps, **({"weights": weights_url(run), "fine_tuned_sha256": digest}
@@ -470,6 +487,10 @@ class _Worker:
         write_bytes(join_location(run.trial_url, "log.txt"), ("\n".join(self.trial_log) + "\n").encode(),
                     self.checkpoints.factory)
         write_bytes(result_url(run), json.dumps(record, indent=1).encode(), self.checkpoints.factory)
+        if self.trial_gate and self.under_ray:  # the next trial, ready, trains while this one ends
+            from orchestrator.trial_gate import leave
+
+            leave(self.trial_gate, run.trial)
         try:
             delete_prefix(checkpoint_url(run), self.checkpoints.factory)
         except Exception as error:  # the result stands; the checkpoints only take room

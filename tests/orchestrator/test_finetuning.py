@@ -3,6 +3,7 @@ Ray Train + DeepSpeed workers on gloo, over real digits and two synthetic sets o
 
 import json
 import os
+import re
 
 import pytest
 
@@ -111,6 +112,14 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     assert "/cifar10/train: steps 0 -> 200" not in printed  # a trial worker's "training ..." line
     table = open(os.path.join(out, "results.md")).read()
     assert "| CIFAR-10 |" in table and "failed" in table
+    # 2 trials train at once and a third gets ready meanwhile (orchestrator/trial_gate.py): it
+    # waits for a turn, then trains from where a running trial's record was written.
+    spans = sorted((r["began_at"], r["ended_at"]) for r in records.values())
+    assert max(sum(b <= began < e for b, e in spans) for began, _ in spans) == 2, spans
+    waited = [float(w) for name in on_s3 if name.endswith("log.txt")
+              for w in re.findall(r": ready, waited ([\d.]+) s for a turn", read_bytes(f"{results}/{name}").decode())]
+    # Every phase-one trial that finished (4 sweeps, DTD) said so; CIFAR10's final ran alone.
+    assert len(waited) == len(records) - 1 == 5 and max(waited) > 1, waited
 
     # The same command again, the fault gone: only the failed trial is scheduled, and it finishes.
     again, _ = finetuning.run_fanout(settings(export, results), plan())
