@@ -201,7 +201,8 @@ class _Worker:
             # Trials run side by side on a node's CPUs, each reserving cpus_per_worker per worker;
             # Ray 2.60 leaves OMP_NUM_THREADS unset, and torch would take every core in each.
             torch.set_num_threads(max(1, int(run.cpus_per_worker)))
-        self.engine = build_engine(run, use_gpu=self.use_gpu)
+        with self._deepspeed_notices_in_trial_log():
+            self.engine = build_engine(run, use_gpu=self.use_gpu)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.use_gpu else torch.float32
         # GPU workers load uint8 pixels and normalise them on the GPU: a quarter of the bytes
@@ -228,6 +229,39 @@ class _Worker:
         # written at each checkpoint as one small part holding what is new since the last.
         self.history = [] if rank == 0 and not isinstance(self.run_config, TrialConfig) else None
         self._commits_in_history = 0
+
+    def _deepspeed_notices_in_trial_log(self):
+        """A trial worker under Ray: DeepSpeed's notices as its engine is built (the accelerator
+        it chose, its comm op built, the untested SGD) go to the trial's log.txt, not to the
+        fan-out's output (3 lines a trial, and Ray's log dedup prints them late, after the
+        fan-out's own lines). Its errors are printed still."""
+        import contextlib
+
+        if self.trial_log is None or not self.under_ray:
+            return contextlib.nullcontext()
+        import io
+        import logging
+
+        lines = self.trial_log
+
+        class IntoTrialLog(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                lines.append(f"deepspeed: {record.getMessage()}")
+                return record.levelno >= logging.ERROR
+
+        # Before deepspeed is imported: it logs on import, and its logger keeps the filter.
+        logging.getLogger("DeepSpeed").addFilter(IntoTrialLog())
+        import deepspeed  # noqa: F401  (its logger's handler takes the real stdout, not the buffer below)
+
+        printed = io.StringIO()
+
+        @contextlib.contextmanager
+        def quiet():
+            with contextlib.redirect_stdout(printed):
+                yield
+            lines.extend(f"deepspeed: {line}" for line in printed.getvalue().splitlines())
+
+        return quiet()
 
     def log(self, message: str) -> None:
         if self.rank != 0:

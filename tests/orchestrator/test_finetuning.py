@@ -110,6 +110,8 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     trial_log = read_bytes(f"{results}/cifar10/final-lr{best:g}/log.txt").decode()
     assert "training ViT-Mu/4 on " in trial_log and "step 200 nonfinite_total " in trial_log and ": test accuracy " in trial_log
     assert "/cifar10/train: steps 0 -> 200" not in printed  # a trial worker's "training ..." line
+    # DeepSpeed's notices as a trial's engine is built, too (Ray's log dedup printed them late).
+    assert "deepspeed: " in trial_log and "untested optimizer" in trial_log and "untested optimizer" not in printed
     table = open(os.path.join(out, "results.md")).read()
     assert "| CIFAR-10 |" in table and "failed" in table
     # 2 trials train at once and a third gets ready meanwhile (orchestrator/trial_gate.py): it
