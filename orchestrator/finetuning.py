@@ -17,8 +17,8 @@ TrialConfig: the exported weights, a zero head, 384 px, SGD), scheduled by Ray T
 documents for Train v2: a Tuner over a function that builds and fits the trial's trainer
 (`_trial_driver`), at most `max_concurrent_trials` training at once and one more getting ready
 (its processes start while the others train; it waits for a turn: orchestrator/trial_gate.py),
-no early-stopping scheduler (ray #54305 leaks placement groups). Phase one runs the sweeps and the trials whose LR is known;
-phase two the finals the sweeps chose. A trial's record is its result.json, written by its
+no early-stopping scheduler (ray #54305 leaks placement groups). Phase one runs the sweeps and
+the trials whose LR is known; phase two the finals the sweeps chose. A trial's record is its result.json, written by its
 rank 0 when its evaluation ends; the same command again schedules nothing for a trial that
 has one and resumes the others from their checkpoints.
 

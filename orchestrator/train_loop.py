@@ -508,11 +508,12 @@ class _Worker:
         digest = self._export() if run.stage == "final" else None
         if self.rank != 0:
             return
+        ended = time.time()
         record = {"dataset": run.dataset, "stage": run.stage, "lr": run.base_lr, "steps": run.steps, "status": "done",
                   "accuracy": score["accuracy"], "correct": score["correct"], "total": score["total"],
                   "train_split": run.train_split, "eval_split": run.eval_split,
-                  "wall_seconds": round(time.time() - self.started_at, 3), "began_at": round(self.started_at, 3),
-                  "ended_at": round(time.time(), 3),
+                  "wall_seconds": round(ended - self.started_at, 3), "began_at": round(self.started_at, 3),
+                  "ended_at": round(ended, 3),
                   "eval_seconds": round(time.perf_counter() - began, 3), "weights_sha256": run.weights_sha256,
                   "model": run.model, "image_size": run.image_size, "batch_size": run.global_batch_size,
                   "warmup_steps": run.warmup_steps, **({"weights": weights_url(run), "fine_tuned_sha256": digest}

@@ -30,9 +30,13 @@ class TrialGate:
     """The turns, in an async Ray actor (no CPU) that the fan-out's driver owns."""
 
     def __init__(self, turns: int):
-        self.free = turns
+        self.turns = turns
         self.holders: set[str] = set()
         self._changed: asyncio.Condition | None = None
+
+    @property
+    def free(self) -> int:
+        return self.turns - len(self.holders)
 
     @property
     def changed(self) -> asyncio.Condition:
@@ -43,15 +47,12 @@ class TrialGate:
     async def enter(self, trial: str) -> None:
         async with self.changed:
             await self.changed.wait_for(lambda: trial in self.holders or self.free > 0)
-            if trial not in self.holders:
-                self.holders.add(trial)
-                self.free -= 1
+            self.holders.add(trial)
 
     async def leave(self, trial: str) -> None:
         async with self.changed:
             if trial in self.holders:
                 self.holders.discard(trial)
-                self.free += 1
                 self.changed.notify_all()
 
     async def state(self) -> dict:
