@@ -20,7 +20,19 @@ from orchestrator.command_line import EXIT_USAGE, OneLineParser, setting  # noqa
 from orchestrator.config import ConfigError, resolve_pretrain_config  # noqa: E402
 
 
+def written_report(config, fanout) -> str | None:
+    """A real run's report (orchestrator/report.py), as the dry run writes it: runs/<run>/ and
+    beside the run; the seed's figures on 16 images of the run's own shards. Its path, or None
+    with a warning when it could not be written: the run and its results stand without it."""
+    from orchestrator.report import write_report
 
+    try:
+        return write_report(config, fanout=fanout, figure_images=config.data)
+    except Exception as error:  # noqa: BLE001 (a report is not worth the run's exit status)
+        said = str(error).strip().splitlines()
+        print(f"warning: the run's report was not written: {type(error).__name__}{': ' + said[0] if said else ''}",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pretraining.run_pretraining(config)
                 fanout = finetuning.run_after_pretraining(config)
-            # Last line: the report (dry run), else the results table; a dataset without a figure: exit 1.
+                report = written_report(config, fanout)
+                if fanout is not None:  # the results table stays the last line (the fan-out's)
+                    report = None
+            # Last line: the report, or the results table when the fan-out ran in a real run; a
+            # dataset without a figure: exit 1.
             if report is not None or fanout is not None:
                 print(report or os.path.join(fanout[1], "results.md"), flush=True)
             if fanout is not None and not fanout[0].get("complete"):

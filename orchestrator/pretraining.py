@@ -172,6 +172,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     from orchestrator.metrics import WorkerGroupStarts
+    from orchestrator.progress import progress_bar
     from orchestrator.train_loop import checkpoint_url, train_loop, worker_config
     from orchestrator.trainer import build_trainer
 
@@ -194,37 +195,38 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
         driver_metrics = start_driver_metrics(config, starts, log)
         resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
         staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
-        trainer = build_trainer(
-            train_loop,
-            train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
-                                            nan_grad_at=nan_grad_at, metrics_linger=metrics_linger,
-                                            starts_prefix=starts.prefix),
-            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
-                                 storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
-            local=ray_started_here(ray),
-        )
-        try:
-            result = trainer.fit()
-        except (KeyboardInterrupt, SystemExit):
-            # A stop signal (signals_stop_the_run), or Ctrl-C through Ray Train's own handler,
-            # which aborts the controller and then makes ray.get raise SystemExit.
-            signum = received[0] if received else signal.SIGINT
-            if ray_started_here(ray):
-                # Now, not at exit: when the signal reached the whole process group (systemd,
-                # Slurm), Ray's GCS and raylet died of it too, and the controller, still alive,
-                # started the workers again; shut down at exit, the driver then waited 60 s for
-                # the GCS and left those workers running. Here: 1.4 s (8 s without a GCS).
-                ray.shutdown()
-            raise Interrupted(signum, where_it_stands(config)) from None
-        except Exception as error:  # ray.train.TrainingFailedError and its kin
-            raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
-        finally:
-            if metrics_linger and not received:  # for a last scrape; not when told to stop
-                time.sleep(metrics_linger)
-            driver_metrics.close()
-            starts.clear()
+        with progress_bar(ray, config.run_name, total=config.steps, initial=last_committed_step(config)) as progress:
+            trainer = build_trainer(
+                train_loop,
+                train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
+                                                nan_grad_at=nan_grad_at, metrics_linger=metrics_linger,
+                                                starts_prefix=starts.prefix, progress=progress),
+                scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                             resources_per_worker=resources),
+                run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
+                                     storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
+                local=ray_started_here(ray),
+            )
+            try:
+                result = trainer.fit()
+            except (KeyboardInterrupt, SystemExit):
+                # A stop signal (signals_stop_the_run), or Ctrl-C through Ray Train's own handler,
+                # which aborts the controller and then makes ray.get raise SystemExit.
+                signum = received[0] if received else signal.SIGINT
+                if ray_started_here(ray):
+                    # Now, not at exit: when the signal reached the whole process group (systemd,
+                    # Slurm), Ray's GCS and raylet died of it too, and the controller, still alive,
+                    # started the workers again; shut down at exit, the driver then waited 60 s for
+                    # the GCS and left those workers running. Here: 1.4 s (8 s without a GCS).
+                    ray.shutdown()
+                raise Interrupted(signum, where_it_stands(config)) from None
+            except Exception as error:  # ray.train.TrainingFailedError and its kin
+                raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
+            finally:
+                if metrics_linger and not received:  # for a last scrape; not when told to stop
+                    time.sleep(metrics_linger)
+                driver_metrics.close()
+                starts.clear()
     if result.error is not None:
         raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
     return dict(result.metrics or {})
@@ -284,6 +286,19 @@ def finished_run(config: PretrainConfig) -> dict | None:
     except (DataSourceError, ValueError, KeyError, TypeError):  # none yet, or unreadable: the workers decide
         return None
     return record if steps and steps[-1] == record["step"] >= config.steps else None
+
+
+def last_committed_step(config: PretrainConfig) -> int:
+    """The step of the run's newest committed checkpoint, where a resumed run starts; 0 when it
+    has none, or its checkpoints cannot be listed now (the workers will say why)."""
+    from orchestrator.checkpoint import committed_steps
+    from orchestrator.train_loop import checkpoint_url
+
+    try:
+        steps = committed_steps(checkpoint_url(config))
+    except Exception:
+        return 0
+    return steps[-1] if steps else 0
 
 
 def where_it_stands(config: PretrainConfig) -> str:

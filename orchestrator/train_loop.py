@@ -55,7 +55,8 @@ ROUTINE_TRIAL_LINE = re.compile(
 def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str | None = None,
                   nan_loss_at: dict[int, int] | None = None, nan_grad_at: dict[int, int] | None = None,
                   metrics_linger: float = 0.0, starts_prefix: str | None = None,
-                  fail_at_step: dict | None = None, trial_gate: str | None = None) -> dict[str, Any]:
+                  fail_at_step: dict | None = None, trial_gate: str | None = None,
+                  progress: str | None = None) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -74,11 +75,14 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             (_Worker._inject_failure).
         trial_gate: a fine-tuning trial's: the name of the fan-out's TrialGate actor, whose
             turn the ranks wait for, ready to train (orchestrator/trial_gate.py).
+        progress: a pretraining run's: the key under which rank 0 puts each progress row for
+            its driver's bar (orchestrator/progress.py).
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
             "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()},
             "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger,
-            "starts_prefix": starts_prefix, "fail_at_step": fail_at_step, "trial_gate": trial_gate}
+            "starts_prefix": starts_prefix, "fail_at_step": fail_at_step, "trial_gate": trial_gate,
+            "progress": progress}
 
 
 def train_augmentation(run: PretrainConfig):
@@ -193,6 +197,7 @@ class _Worker:
         self.record_dir = config.get("record_dir")
         self.starts_prefix = config.get("starts_prefix")
         self.trial_gate = config.get("trial_gate")
+        self.progress = config.get("progress") if rank == 0 and under_ray else None
         self.nan_loss_at = {int(k): v for k, v in (config.get("nan_loss_at") or {}).items()}
         self.nan_grad_at = {int(k): v for k, v in (config.get("nan_grad_at") or {}).items()}
         run = self.run_config
@@ -685,6 +690,10 @@ class _Worker:
         self._last_row = row
         if self.history is not None:
             self.history.append({**row, "time": round(time.time(), 3)})
+        if self.progress:
+            from orchestrator.progress import report
+
+            report(self.progress, row)
         self.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
     def _write_history(self) -> None:

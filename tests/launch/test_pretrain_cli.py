@@ -180,6 +180,38 @@ def test_a_missing_fine_tuning_dataset_stops_the_run_before_pretraining(tmp_path
     assert "Traceback" not in out.stderr and "run " not in out.stdout  # no Ray joined, nothing scheduled
 
 
+def test_a_real_run_writes_its_report_beside_it_and_prints_its_path_last(tmp_path, s3_server):
+    """Not a dry run: a recipe row with its sizes set small, pretraining only (--no-finetune).
+    The report is the dry run's (orchestrator/report.py): its history, its commits and the
+    seed's figures on the run's own shards, in runs/<run>/ of the working directory and on S3."""
+    from data_pipelines.synthetic import write_synthetic
+    from data_pipelines.transfer import list_prefix
+
+    env = dict(os.environ, **s3_server.environment(), VITSCALE_STAGING_DIR=str(tmp_path / "staging"))
+    bucket = s3_server.create_bucket("real-run-report")
+    write_synthetic("multi_label", f"{bucket}/synth", num_samples=64, num_classes=4, image_size=32, samples_per_shard=32,
+                    factory=s3_server.client_factory())
+    sizes = {"image_size": 32, "global_batch_size": 8, "micro_batch_size": 8, "train_examples": 64, "epochs": 1,
+             "warmup_steps": 1, "checkpoint_every": 4, "log_every": 2, "data_workers": 1, "gpus_per_worker": 0,
+             "metrics_address": "off"}
+    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-Mu/4", "--dataset", "JFT-300M", "--data",
+                          f"{bucket}/synth", "--checkpoints", f"{bucket}/runs", "--no-finetune", "--max-steps", "8",
+                          *[a for k, v in sizes.items() for a in ("--set", f"{k}={v}")]],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run = "vit-mu-4-jft-300m"
+    assert out.stdout.strip().splitlines()[-1] == f"runs/{run}/report.md"
+    text = (tmp_path / "runs" / run / "report.md").read_text()
+    assert "dry run" not in text and "Fine-tuning: none (no fine-tuning data, or --no-finetune)." in text
+    assert "step 8, loss" in text and "Checkpoints committed (step: time): 4: " in text, text
+    results = json.loads((tmp_path / "runs" / run / "results.json").read_text())
+    assert [r["step"] for r in results["pretraining"]["history"]] == [2, 4, 6, 8]
+    assert set(results["seed_figures"]) >= {"statement"}
+    remote = list_prefix(f"{bucket}/runs/{run}", s3_server.client_factory())
+    assert {"report.md", "results.json", "report/pretraining.png",
+            "report/seed/position_similarity_trained.png"} <= set(remote), sorted(remote)
+
+
 def test_a_dry_run_on_a_cluster_without_s3_stops_at_its_preflight(tmp_path):
     """A `ray job submit` driver (RAY_ADDRESS set) starts no embedded S3, which its workers,
     started by the cluster's nodes, could never see: with no S3 the cluster knows of, the dry

@@ -2,10 +2,12 @@
 
 import collections
 import hashlib
+import io
 import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -63,14 +65,28 @@ def actor_classes() -> collections.Counter:
     return collections.Counter(a["ActorClassName"] for a in ray._private.state.actors().values())
 
 
+class Terminal(io.StringIO):
+    """Standard error as a terminal, where tqdm draws its bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_loss_falls_with_two_workers(cluster, stage, capfd):
+def test_loss_falls_with_two_workers(cluster, stage, capfd, monkeypatch):
     import ray
 
     from orchestrator.pretraining import ray_started_here
 
     config = config_for(cluster, f"zero-{stage}", zero_stage=stage)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     metrics = run_pretraining(config)
+    monkeypatch.undo()
+    # On a terminal, the driver's bar follows rank 0's progress lines (every 4 steps) to the end.
+    drawn = terminal.getvalue()
+    assert re.search(rf"pretraining zero-{stage}: +0%.* 0/24 ", drawn), drawn[-2000:]
+    assert re.search(r"100%.* 24/24 .*loss=[\d.]+, lr=[\d.e-]+, img/s=\d+", drawn), drawn[-2000:]
     # A run makes actors only, each in its own process: the local Ray prestarts no worker
     # that would sit idle beside them (each wakes 100 times a second).
     assert not idle_ray_workers()
