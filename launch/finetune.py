@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-scale", type=float, dest="steps_scale", default=1.0,
                    help="multiply every trial's steps and warm-up (1: the table)")
     p.add_argument("--set", action="append", type=setting, default=[], metavar="FIELD=VALUE",
-                   help="any other setting (repeatable): image_size, batch_size, micro_batch_size, zero_stage, "
+                   help="any other setting (repeatable): image_size, batch_size, steps (a dataset's steps in place "
+                        "of the table's x --steps-scale, e.g. steps='{\"CIFAR10\": 3000}'), micro_batch_size, zero_stage, "
                         "data_workers, checkpoint_every, max_failures, cpus_per_worker, metrics_address, metrics_port")
     p.add_argument("--print-plan", action="store_true", help="print the trials as JSON and exit (contacts nothing)")
     return p.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator import finetuning
 
     settings = dict(args.set)
-    plan_size = {k: settings.pop(k) for k in ("image_size", "batch_size") if k in settings}
+    plan_size = {k: settings.pop(k) for k in ("image_size", "batch_size", "steps") if k in settings}
     try:
         trials = finetuning.plan_trials(finetuning.select_datasets(args.datasets), steps_scale=args.steps_scale,
                                         **plan_size)

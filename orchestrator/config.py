@@ -47,11 +47,18 @@ DRY_RUN = {
     "log_every": 5,
     "metrics_address": "127.0.0.1",
     # The fan-out over the dry run's stand-in downstream sets (orchestrator/dry_run.py): the
-    # table's trials and LR grids at 2% of their steps (CIFAR-10's 10000 -> 200), 16 px (the
-    # digits are 8 px), batch 32.
+    # table's trials and LR grids at 2% of their steps (ImageNet's 20000 -> 400), at 8 px (the
+    # digits' own size), batch 32. The real digits (CIFAR-10's stand-in) get 3000 steps: at
+    # 2000 the LR the sweep picks (0.01) scored 0.889 on test, at 3000 0.931 (README). Pets
+    # and Flowers get 100, where 2% of 500 would be 10 steps, too few to learn anything.
     "finetune_steps_scale": 0.02,
-    "finetune_image_size": 16,
+    "finetune_steps": {"CIFAR10": 3000, "Oxford-IIIT Pets": 100, "Oxford Flowers-102": 100},
+    "finetune_image_size": 8,
     "finetune_batch_size": 32,
+    # The trials decode in their own process: a stand-in's epoch is 8-45 steps, and a
+    # DataLoader forks its workers anew each epoch (data_pipelines/stream.py), which took ~40%
+    # of a digits trial's worker time with one data worker (py-spy, this 2-core VM).
+    "finetune_data_workers": 0,
 }
 
 
@@ -130,9 +137,12 @@ class PretrainConfig(BaseModel):
     finetune_data: str | None = None  # its data root: <root>/cifar10/{train,test}/, ... (README)
     finetune_datasets: str | None = None  # comma-separated names of seed table 2 (None: every one)
     finetune_steps_scale: float = Field(default=1.0, gt=0.0)  # multiplies every trial's steps (dry runs)
+    # A dataset's steps in place of the table's x finetune_steps_scale, warm-up in proportion.
+    finetune_steps: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     finetune_image_size: int | None = Field(default=None, gt=0)  # None: the paper's 384
     finetune_batch_size: int | None = Field(default=None, gt=0)  # None: the paper's 512
     finetune_workers_per_trial: int | None = Field(default=None, gt=0)  # None: the run's workers, at most 8
+    finetune_data_workers: int | None = Field(default=None, ge=0)  # a trial's DataLoader workers; None: data_workers
     dry_run: bool = False
     recipe_model: str  # the table row the settings come from (a debug twin's paper twin)
     overrides: tuple[str, ...] = ()  # fields set explicitly, winning over the recipe
@@ -156,6 +166,15 @@ class PretrainConfig(BaseModel):
             except ValueError:
                 raise ValueError(f"metrics_address {address!r} is not 'node', 'off' or an IP address") from None
         return address
+
+    @field_validator("finetune_steps")
+    @classmethod
+    def _finetune_steps_name_datasets(cls, steps: dict[str, int]) -> dict[str, int]:
+        for name in steps:
+            if name not in recipes.FINETUNE_RECIPES:
+                raise ValueError(f"{name!r} is not a dataset of the fine-tuning table; valid: "
+                                 f"{', '.join(recipes.FINETUNE_RECIPES)}")
+        return steps
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> "PretrainConfig":

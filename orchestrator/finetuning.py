@@ -37,7 +37,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,28 +126,41 @@ def select_datasets(names: str | None) -> list[str]:
 
 
 def plan_trials(datasets: list[str], *, steps_scale: float = 1.0, image_size: int | None = None,
-                batch_size: int | None = None) -> list[Trial]:
+                batch_size: int | None = None, steps: Mapping[str, int] | None = None) -> list[Trial]:
     """Every trial of the fan-out over `datasets`: the sweep trials, then each dataset's final.
 
     Args:
         steps_scale: multiplies every step count and warm-up (tests, dry runs); 1: the table.
         image_size, batch_size: in place of the paper's 384 px and 512 (dry runs on a CPU).
+        steps: a dataset's step count in place of its row's x steps_scale, its warm-up in
+            proportion (the dry run's digits, which need more steps than its other stand-ins).
     """
     if not steps_scale > 0:
         raise ConfigError(f"invalid steps_scale={steps_scale!r}: must be > 0")
+    if steps is not None and not isinstance(steps, Mapping):
+        raise ConfigError(f"invalid steps={steps!r}: must map dataset names to step counts, e.g. {{\"CIFAR10\": 3000}}")
+    steps = dict(steps or {})
+    for name, count in steps.items():
+        if name not in recipes.FINETUNE_RECIPES:
+            raise ConfigError(f"finetune steps name {name!r}, not a dataset of the table; valid: "
+                              f"{', '.join(recipes.FINETUNE_RECIPES)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"invalid steps {count!r} for {name!r}: must be a whole number >= 1")
     try:
-        return _plan(datasets, steps_scale, image_size, batch_size)
+        return _plan(datasets, steps_scale, image_size, batch_size, steps)
     except pydantic.ValidationError as error:  # a size out of bounds: one line
         raise ConfigError(_one_line(error)) from None
 
 
-def _plan(datasets: list[str], steps_scale: float, image_size: int | None, batch_size: int | None) -> list[Trial]:
+def _plan(datasets: list[str], steps_scale: float, image_size: int | None, batch_size: int | None,
+          fixed_steps: dict[str, int]) -> list[Trial]:
     shared = recipes.FINETUNE_SHARED
     trials = []
     for dataset in datasets:
         row = recipes.FINETUNE_RECIPES[dataset]
-        steps = max(1, round(row.steps * steps_scale))
-        common = dict(dataset=dataset, steps=steps, warmup_steps=min(round(row.warmup_steps * steps_scale), steps - 1),
+        scale = fixed_steps[dataset] / row.steps if dataset in fixed_steps else steps_scale
+        steps = max(1, round(row.steps * scale))
+        common = dict(dataset=dataset, steps=steps, warmup_steps=min(round(row.warmup_steps * scale), steps - 1),
                       batch_size=batch_size or shared.batch_size, image_size=image_size or shared.image_size,
                       holdout_fraction=row.holdout_fraction, num_classes=row.num_classes, flip=row.flip,
                       random_crop=row.random_crop)
@@ -493,7 +506,9 @@ def run_fanout(settings: FanoutSettings, trials: list[Trial], *, log: Callable[[
     for name, config in configs.items():
         if (record := read_result(config)) is not None:
             records[name] = record
-    first = [c for n, c in configs.items() if n not in records]
+    # The longest trials first (ImageNet's 20000 steps before Pets' 500): the last trials to
+    # end are short ones, and the phase's tail, where slots stand idle, is short.
+    first = sorted((c for n, c in configs.items() if n not in records), key=lambda c: -c.steps)
     finals_later = [t for t in trials if t.lr is None]
     ray = connect_ray(next(iter(configs.values())) if configs else None)
     local = ray_started_here(ray)
@@ -526,6 +541,7 @@ def run_fanout(settings: FanoutSettings, trials: list[Trial], *, log: Callable[[
                 log(f"{trial.dataset}: LR {lr:g} picked on held-out data ({_sweep_line(sweep)})")
                 finals.append(config)
             if finals:
+                finals.sort(key=lambda c: -c.steps)
                 progress.queued(len(finals))
                 failed.update(_run_trials(finals, settings=settings, phase="final", ray_local=local, progress=progress,
                                           faults=faults or {}, record_dir=record_dir))
@@ -615,7 +631,8 @@ def settings_for(weights: str, record: dict, data_root: str, *, results: str | N
 def plan_for(config) -> list[Trial]:
     """The fan-out a pretraining config (PretrainConfig) asks for when it ends."""
     return plan_trials(select_datasets(config.finetune_datasets), steps_scale=config.finetune_steps_scale,
-                       image_size=config.finetune_image_size, batch_size=config.finetune_batch_size)
+                       image_size=config.finetune_image_size, batch_size=config.finetune_batch_size,
+                       steps=config.finetune_steps)
 
 
 def check_for_pretraining(config) -> None:
@@ -645,7 +662,8 @@ def run_after_pretraining(config, log: Callable[[str], None] = print) -> tuple[d
         weights, record, config.finetune_data,
         workers_per_trial=config.finetune_workers_per_trial or min(config.workers, 8),
         gpus_per_worker=config.gpus_per_worker, cpus_per_worker=config.cpus_per_worker,
-        zero_stage=config.zero_stage, data_workers=config.data_workers, metrics_address=config.metrics_address,
+        zero_stage=config.zero_stage, data_workers=(config.data_workers if config.finetune_data_workers is None else config.finetune_data_workers),
+        metrics_address=config.metrics_address,
         metrics_port=config.metrics_port, max_failures=config.max_failures, seed=config.seed,
         torch_compile=config.torch_compile)
     log(f"pretraining ended: the fine-tuning fan-out starts from {weights}")

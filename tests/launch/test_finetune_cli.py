@@ -61,12 +61,21 @@ def test_print_plan_of_chosen_datasets_scaled():
     plan = json.loads(out.stdout)
     assert [(t["dataset"], t["stage"], t["steps"], t["warmup_steps"]) for t in plan] == [
         ("Oxford-IIIT Pets", "sweep", 50, 10)] * 4 + [("Oxford-IIIT Pets", "final", 50, 10), ("VTAB/DTD", "final", 250, 20)]
+    # One dataset's steps set outright (the dry run's digits): its warm-up in proportion, the others scaled.
+    out = finetune("--print-plan", "--datasets", "Oxford-IIIT Pets,VTAB/DTD", "--steps-scale", "0.1",
+                   "--set", 'steps={"VTAB/DTD": 1000, "CIFAR10": 7}')
+    plan = json.loads(out.stdout)
+    assert [(t["dataset"], t["steps"], t["warmup_steps"]) for t in plan][-2:] == [
+        ("Oxford-IIIT Pets", 50, 10), ("VTAB/DTD", 1000, 80)]
 
 
 BAD_INPUTS = [
     (["--print-plan", "--datasets", "CIFAR10,Food101"], ["'Food101'", "CIFAR10", "VTAB/DTD"]),
     (["--print-plan", "--datasets", ","], ["names no dataset", "ImageNet"]),
     (["--print-plan", "--steps-scale", "0"], ["steps_scale=0.0"]),
+    (["--print-plan", "--set", 'steps={"CIFAR11": 30}'], ["'CIFAR11'", "not a dataset of the table", "CIFAR10"]),
+    (["--print-plan", "--set", "steps=3000"], ["invalid steps=3000", "must map dataset names"]),
+    (["--print-plan", "--set", 'steps={"CIFAR10": 0}'], ["invalid steps 0 for 'CIFAR10'", ">= 1"]),
     (["--datasets", "CIFAR10"], ["--weights and --data-root are required"]),
     (["--weights", "s3://vitscale-x/run/model.pt", "--data-root", "s3://vitscale-x/d"], ["not a vitscale export", "model.pt"]),
     (["--print-plan", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),

@@ -107,9 +107,9 @@ def test_dry_run_pretrains_fans_out_over_its_stand_ins_and_writes_its_report():
     assert len(re.findall(r"trial CIFAR10/sweep-lr\S+ finished: held-out 2% of train accuracy", text)) == 4
     assert "trial VTAB/EuroSAT/final-lr0.01 finished: test accuracy" in text
     digits = float(re.search(r"trial CIFAR10/final-lr\S+ finished: test accuracy (\S+)", text).group(1))
-    # The real digits at the dry run's own scale (200 steps at 16 px, the table's inception crop
-    # and flip): 0.42-0.55 measured, chance is 0.1.
-    assert digits >= 0.25, digits
+    # The real digits at the dry run's own scale (3000 steps at 8 px, the table's inception crop
+    # and flip; issue 21 asks for 0.9): 0.931 measured after 40 pretraining steps; chance is 0.1.
+    assert digits >= 0.9, digits
     report = out.stdout.strip().splitlines()[-1]
     assert report == "runs/vit-mu-4-jft-300m-dry-run/report.md", report
     folder = os.path.join(ROOT, os.path.dirname(report))
