@@ -319,7 +319,7 @@ def read_result(config: TrialConfig) -> dict | None:
 def _trial_driver(params: dict) -> None:
     """One Ray Tune trial: build the trial's TorchTrainer, fit it, report its figure."""
     from ray import tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from orchestrator.ray_workers import train_controller_env
     from orchestrator.train_loop import train_loop, worker_config
@@ -335,8 +335,11 @@ def _trial_driver(params: dict) -> None:
                                         record_dir=params.get("record_dir"), trial_gate=params.get("gate")),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
+        # Ray Train's own notices at WARNING: its five lines a trial at INFO (the worker group
+        # asked for, started, its ranks, the process group) would bury the fan-out's own.
         run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
-                             storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
+                             storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results"),
+                             logging_config=LoggingConfig(log_level="WARNING")),
         local=params["local"],
     )
     try:

@@ -260,10 +260,22 @@ class _Worker:
 
         printed = io.StringIO()
 
+        class Printed(logging.Filter):
+            # Ray Train's worker turns `print` into a record of the root logger as well as
+            # writing it to a redirected stdout (ray.train.v2 patch_print): DeepSpeed's "comm op
+            # built successfully" came through that way.
+            def filter(self, record: logging.LogRecord) -> bool:
+                return record.levelno >= logging.WARNING
+
         @contextlib.contextmanager
         def quiet():
-            with contextlib.redirect_stdout(printed):
-                yield
+            root, kept = logging.getLogger(), Printed()
+            root.addFilter(kept)
+            try:
+                with contextlib.redirect_stdout(printed):
+                    yield
+            finally:
+                root.removeFilter(kept)
             lines.extend(f"deepspeed: {line}" for line in printed.getvalue().splitlines())
 
         return quiet()

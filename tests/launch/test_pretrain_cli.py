@@ -110,6 +110,12 @@ def test_dry_run_pretrains_fans_out_over_its_stand_ins_and_writes_its_report():
     # The real digits at the dry run's own scale (3000 steps at 8 px, the table's inception crop
     # and flip; issue 21 asks for 0.9): 0.931 measured after 40 pretraining steps; chance is 0.1.
     assert digits >= 0.9, digits
+    # A log short enough to read: Ray Train's notices (a worker group asked for, started, its
+    # ranks, its process group) and DeepSpeed's comm op line are pretraining's alone, not
+    # repeated by each of the 6 trials, which say when they start and end.
+    assert text.count("Attempting to start training worker group") == 1, text[-3000:]
+    assert text.count("Setting up process group") == 1 and text.count("shm_comm_op built successfully") <= 2
+    assert len(text.splitlines()) <= 60, len(text.splitlines())
     report = out.stdout.strip().splitlines()[-1]
     assert report == "runs/vit-mu-4-jft-300m-dry-run/report.md", report
     folder = os.path.join(ROOT, os.path.dirname(report))
