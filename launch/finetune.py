@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.weights or not args.data_root:
             raise ConfigError("--weights and --data-root are required (only --print-plan runs without them)")
+        from orchestrator.imports import export_for
+
+        args.weights = export_for(args.weights)  # a foreign file (.npz, timm) imported on the way
         record = finetuning.read_weights_record(args.weights)
         config = finetuning.settings_for(
             args.weights, record, args.data_root, results=args.results, workers_per_trial=args.workers_per_trial,

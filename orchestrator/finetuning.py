@@ -255,7 +255,8 @@ def read_weights_record(weights: str) -> dict[str, Any]:
 
     if not weights.endswith(".safetensors"):
         raise ConfigError(f"--weights {weights!r} is not a vitscale export: expected <checkpoints>/<run>/weights/"
-                          f"model.safetensors (with its model.json beside it)")
+                          f"model.safetensors (with its model.json beside it), or a ViT checkpoint to import "
+                          f"(.npz, .pth/.pt/.bin, timm .safetensors)")
     record_url = weights[: -len(".safetensors")] + ".json"
     try:
         record = json.loads(read_bytes(record_url))

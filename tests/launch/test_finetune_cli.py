@@ -77,7 +77,7 @@ BAD_INPUTS = [
     (["--print-plan", "--set", "steps=3000"], ["invalid steps=3000", "must map dataset names"]),
     (["--print-plan", "--set", 'steps={"CIFAR10": 0}'], ["invalid steps 0 for 'CIFAR10'", ">= 1"]),
     (["--datasets", "CIFAR10"], ["--weights and --data-root are required"]),
-    (["--weights", "s3://vitscale-x/run/model.pt", "--data-root", "s3://vitscale-x/d"], ["not a vitscale export", "model.pt"]),
+    (["--weights", "s3://vitscale-x/run/model.ckpt", "--data-root", "s3://vitscale-x/d"], ["not a vitscale export", "model.ckpt"]),
     (["--print-plan", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
 ]
 def test_bad_input_is_one_line_and_exit_2():

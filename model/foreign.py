@@ -1,0 +1,265 @@
+"""Foreign checkpoints of the zoo's plain ViTs, in and out: pure functions, no I/O.
+
+    state = from_npz(read_npz(data))            # google-research/vision_transformer, big_vision
+    state = from_timm(timm_state_dict)           # timm's `vit_*_patch*` VisionTransformer
+    timm_state = to_timm(state)                  # ours -> timm, strict-loadable (timm_model_args)
+    name = check_state(state, "ViT-B/16")        # names and shapes against the zoo model
+
+Each `from_*` gives a state dict under our names (model/vit.py), its head and pre-logits as the
+file has them; `model.convert.adapt_pretrained` then fits it to a fine-tuning model (position
+embeddings resampled to the model's grid, the head kept when the class count matches, else a
+zero head, pre-logits dropped unless the model keeps them). `.npz` files are read with
+numpy's `allow_pickle=False`: nothing is unpickled.
+
+The npz layouts, as timm's `vision_transformer._load_weights` reads them:
+- the original code (google-research/vision_transformer, the paper's and AugReg's checkpoints):
+  `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
+  MlpBlock_3}`, position embeddings `Transformer/posembed_input/pos_embedding` with the class
+  token's first;
+- big_vision (`params/` prefix, or none): `{LayerNorm_0, MultiHeadDotProductAttention_0,
+  LayerNorm_1, MlpBlock_0}`, position embeddings `pos_embedding` over the patches only (the
+  class token gets none: here a zero one), blocks either one per layer or stacked along a
+  first axis (`Transformer/encoderblock/...`, a scanned encoder); `opt/target/` prefixes too.
+Hybrids (R50+ViT) and BiT ResNets are not converted yet: their files are refused by name.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping
+
+import numpy as np
+import torch
+
+PREFIXES = ("", "params/", "opt/target/", "params/img/")
+# Zoo size -> timm's name for it (timm.models.vision_transformer).
+TIMM_SIZES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+
+
+class ForeignWeightsError(ValueError):
+    """A file that is not a checkpoint this module reads, or not of the model it is said to be."""
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, read without unpickling (object arrays are refused)."""
+    if not data.startswith(b"PK"):  # numpy would take anything else for a pickle
+        raise ForeignWeightsError("not a readable .npz (not a zip archive)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except ValueError as error:  # object arrays: "Object arrays cannot be loaded when allow_pickle=False"
+        raise ForeignWeightsError(f"an .npz holding pickled objects, refused ({error})") from None
+    except Exception as error:  # a truncated or foreign zip: BadZipFile, EOFError, OSError
+        raise ForeignWeightsError(f"not a readable .npz ({type(error).__name__}: {error})") from None
+
+
+def detect_format(keys) -> str:
+    """'npz' (a JAX/Flax tree), 'timm', 'vitscale', or raises ForeignWeightsError."""
+    keys = set(keys)
+    if any(f"{p}embedding/kernel" in keys for p in PREFIXES):
+        return "npz"
+    if any(f"{p}conv_root/kernel" in keys for p in PREFIXES) or any("block1/unit1/" in k for k in keys):
+        raise ForeignWeightsError("a BiT or R50+ViT hybrid checkpoint: only plain ViTs are converted so far")
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    if "patch_embed.backbone.stem.conv.weight" in keys or "stem.conv.weight" in keys:
+        raise ForeignWeightsError("a timm hybrid or ResNetV2 state: only plain ViTs are converted so far")
+    if "patch_embed.weight" in keys and "cls_token" in keys:
+        return "vitscale"
+    sample = ", ".join(sorted(keys)[:3])
+    raise ForeignWeightsError(f"neither a ViT .npz tree nor a timm or vitscale ViT state (keys: {sample}, ...)")
+
+
+# ---- npz -> ours --------------------------------------------------------------------------
+
+def _t(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).float()
+
+
+def from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A plain ViT's JAX/Flax .npz tree (module docstring) as our state dict."""
+    prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in arrays), None)
+    if prefix is None:
+        raise ForeignWeightsError("no embedding/kernel: not a ViT .npz tree")
+    w = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if "conv_root/kernel" in w:
+        raise ForeignWeightsError("an R50+ViT hybrid .npz: only plain ViTs are converted so far")
+    if "cls" not in w:
+        raise ForeignWeightsError("a ViT without a class token (global-average pooled): the zoo's ViTs classify "
+                                  "the class token")
+
+    def get(name: str) -> np.ndarray:
+        if name not in w:
+            raise ForeignWeightsError(f"the .npz has no {prefix}{name}")
+        return w[name]
+
+    kernel = get("embedding/kernel")  # (ph, pw, 3, D): HWIO
+    if kernel.ndim != 4:
+        raise ForeignWeightsError(f"{prefix}embedding/kernel has shape {kernel.shape}, not a conv's (ph, pw, 3, D)")
+    state = {"patch_embed.weight": _t(kernel.transpose(3, 2, 0, 1)), "patch_embed.bias": _t(get("embedding/bias")),
+             "cls_token": _t(get("cls")).reshape(1, 1, -1)}
+    width = state["cls_token"].shape[-1]
+    if "Transformer/posembed_input/pos_embedding" in w:  # the original code: the class token's first
+        state["pos_embed"] = _t(w["Transformer/posembed_input/pos_embedding"]).reshape(1, -1, width)
+    else:  # big_vision: the patches' only; the class token is added after, with none
+        patches = _t(get("pos_embedding")).reshape(1, -1, width)
+        state["pos_embed"] = torch.cat([torch.zeros(1, 1, width), patches], dim=1)
+
+    big_vision = "Transformer/encoderblock/LayerNorm_0/scale" in w or any(
+        k.startswith("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/") for k in w)
+    mha, norm2, mlp = (0, 1, 0) if big_vision else (1, 2, 3)
+    stacked = "Transformer/encoderblock/LayerNorm_0/scale" in w
+    if stacked:
+        depth = w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+    else:
+        depth = 0
+        while f"Transformer/encoderblock_{depth}/LayerNorm_0/scale" in w:
+            depth += 1
+    if depth == 0:
+        raise ForeignWeightsError(f"the .npz has no {prefix}Transformer/encoderblock_0/: no encoder blocks")
+    for i in range(depth):
+        base = "Transformer/encoderblock/" if stacked else f"Transformer/encoderblock_{i}/"
+
+        def block(name: str) -> np.ndarray:
+            array = get(base + name)
+            return array[i] if stacked else array
+
+        attention = f"MultiHeadDotProductAttention_{mha}/"
+        ours = f"blocks.{i}."
+        state[ours + "norm1.weight"] = _t(block("LayerNorm_0/scale"))
+        state[ours + "norm1.bias"] = _t(block("LayerNorm_0/bias"))
+        # q, k, v kernels (D, heads, head_dim) -> rows of one (3D, D) matrix, q first.
+        state[ours + "attn.qkv.weight"] = torch.cat(
+            [_t(block(f"{attention}{n}/kernel")).flatten(1).T for n in ("query", "key", "value")])
+        state[ours + "attn.qkv.bias"] = torch.cat(
+            [_t(block(f"{attention}{n}/bias")).reshape(-1) for n in ("query", "key", "value")])
+        out = _t(block(f"{attention}out/kernel"))  # (heads, head_dim, D)
+        state[ours + "attn.proj.weight"] = out.reshape(-1, out.shape[-1]).T.contiguous()
+        state[ours + "attn.proj.bias"] = _t(block(f"{attention}out/bias"))
+        state[ours + "norm2.weight"] = _t(block(f"LayerNorm_{norm2}/scale"))
+        state[ours + "norm2.bias"] = _t(block(f"LayerNorm_{norm2}/bias"))
+        for r in (0, 1):
+            state[ours + f"mlp.fc{r + 1}.weight"] = _t(block(f"MlpBlock_{mlp}/Dense_{r}/kernel")).T.contiguous()
+            state[ours + f"mlp.fc{r + 1}.bias"] = _t(block(f"MlpBlock_{mlp}/Dense_{r}/bias"))
+    state["norm.weight"] = _t(get("Transformer/encoder_norm/scale"))
+    state["norm.bias"] = _t(get("Transformer/encoder_norm/bias"))
+    if "pre_logits/kernel" in w:
+        state["pre_logits.0.weight"] = _t(w["pre_logits/kernel"]).T.contiguous()
+        state["pre_logits.0.bias"] = _t(w["pre_logits/bias"])
+    if "head/kernel" in w:
+        state["head.weight"] = _t(w["head/kernel"]).T.contiguous()
+        state["head.bias"] = _t(w["head/bias"])
+    return _with_head(state)
+
+
+# ---- timm <-> ours ------------------------------------------------------------------------
+
+def from_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm `vit_*_patch*` VisionTransformer's state dict as ours."""
+    state = dict(state.get("state_dict", state)) if isinstance(state.get("state_dict"), Mapping) else dict(state)
+    if "patch_embed.proj.weight" not in state:
+        raise ForeignWeightsError("no patch_embed.proj.weight: not a timm ViT state")
+    unsupported = [k for k in state if k.startswith(("fc_norm.", "attn_pool.", "reg_token", "norm_pre."))
+                   or ".ls1." in k or ".ls2." in k or ".q_norm." in k or ".k_norm." in k]
+    if unsupported:
+        raise ForeignWeightsError(f"a timm ViT variant the zoo does not build: it has {unsupported[0]}")
+    ours = {}
+    for key, value in state.items():
+        key = key.replace("patch_embed.proj.", "patch_embed.").replace("pre_logits.fc.", "pre_logits.0.")
+        ours[key] = value.detach().float().contiguous()
+    return _with_head(ours)
+
+
+def to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our plain ViT's state dict under timm's names. timm's VisionTransformer has no pre-logits
+    layer: a state with one is refused (fine-tuned exports have none)."""
+    if any(k.startswith("pre_logits.") for k in state):
+        raise ForeignWeightsError("the weights have a pre-logits layer, which timm's VisionTransformer does not "
+                                  "build; export a fine-tuned model (the fan-out's final trials), which has none")
+    if any(k.startswith("backbone.") for k in state):
+        raise ForeignWeightsError("an R50+ViT hybrid: only plain ViTs are converted so far")
+    dropped = ("mask_token", "masked_patch_head.weight", "masked_patch_head.bias")
+    return {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in state.items() if k not in dropped}
+
+
+def timm_model_args(name: str, state: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
+    """(timm model name, create_model keyword arguments) for our `name` and its state: timm's
+    registered name where the zoo model has one, its size given as arguments otherwise (ViT-Mu)."""
+    from model.specs import model_spec
+
+    spec = model_spec(name)
+    if spec.family != "vit":
+        raise ForeignWeightsError(f"{name}: only plain ViTs are converted to timm so far")
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    image_size = grid * spec.patch_size
+    args = {"img_size": image_size, "num_classes": int(state["head.weight"].shape[0])}
+    size = name.removeprefix("ViT-").split("/")[0]
+    if size in TIMM_SIZES:
+        return f"vit_{TIMM_SIZES[size]}_patch{spec.patch_size}_224", args
+    return "vit_tiny_patch16_224", {**args, "patch_size": spec.patch_size, "embed_dim": spec.width,
+                                    "depth": spec.depth, "num_heads": spec.num_heads,
+                                    "mlp_ratio": spec.mlp_dim / spec.width}
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+def _with_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state without a classifier (timm's num_classes=0, a headless .npz) gets a one-class zero
+    head: fine-tuning replaces it with the dataset's (adapt_pretrained), and our model has one."""
+    if "head.weight" not in state:
+        features = state["pre_logits.0.weight"].shape[0] if "pre_logits.0.weight" in state else state["cls_token"].shape[-1]
+        state["head.weight"] = torch.zeros(1, features)
+        state["head.bias"] = torch.zeros(1)
+    return state
+
+
+def looks_like(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The zoo's plain ViT whose width, depth and patch size the state has, or None."""
+    from model.specs import MODEL_NAMES, model_spec
+
+    if "patch_embed.weight" not in state or "cls_token" not in state:
+        return None
+    width = state["cls_token"].shape[-1]
+    patch = state["patch_embed.weight"].shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for name in MODEL_NAMES:
+        spec = model_spec(name)
+        if spec.family == "vit" and (spec.width, spec.depth, spec.patch_size) == (width, depth, patch):
+            return name
+    return None
+
+
+def check_state(state: Mapping[str, torch.Tensor], name: str) -> dict:
+    """Checks the state's names and shapes against the zoo model `name` (built on the meta
+    device at the state's own grid, classes and pre-logits). Returns the build arguments
+    (num_classes, image_size, representation_size). Raises ForeignWeightsError naming the first
+    bad key, both shapes, and the zoo model the state looks like."""
+    from model.registry import build_model
+    from model.specs import model_spec
+
+    spec = model_spec(name)
+    if spec.family != "vit":
+        raise ForeignWeightsError(f"{name}: only plain ViTs are converted so far")
+    like = looks_like(state)
+    hint = f" (the file looks like {like})" if like and like != name else ""
+    if "pos_embed" not in state or "head.weight" not in state:
+        raise ForeignWeightsError(f"the state has no pos_embed or head: not a ViT{hint}")
+    patches = state["pos_embed"].shape[1] - 1
+    grid = round(patches ** 0.5)
+    if grid * grid != patches:
+        raise ForeignWeightsError(f"pos_embed holds {patches} patch positions, not a square grid")
+    build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": grid * spec.patch_size,
+             "representation_size": int(state["pre_logits.0.weight"].shape[0]) if "pre_logits.0.weight" in state else None}
+    expected = build_model(name, device="meta", **build).state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise ForeignWeightsError(f"not {name}: the file has no {key}{hint}")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ForeignWeightsError(f"not {name}: {key} is {tuple(state[key].shape)} in the file, "
+                                      f"{tuple(value.shape)} in {name}{hint}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ForeignWeightsError(f"not {name}: the file has {extra[0]}, which {name} does not{hint}")
+    return build
