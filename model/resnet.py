@@ -6,21 +6,49 @@ code uses post-activation bottlenecks (conv -> GN -> ReLU, ReLU after the residu
 so does timm's port of it, so checkpoints of either load into the matching variant.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class StdConv2d(nn.Conv2d):
-    """Conv2d whose weights are standardised (zero mean, unit variance per output channel) in forward."""
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow's "SAME" padding: the output is ceil(input / stride), and the padding that
+    takes is split with the larger half after (right, bottom). Strided layers of the official
+    hybrid's ResNet (google-research/vision_transformer, and timm's port of its weights:
+    StdConv2dSame, MaxPool2dSame) pad so; a symmetric padding shifts their sampling grid."""
+    height, width = x.shape[-2:]
+    pad_h = max((math.ceil(height / stride) - 1) * stride + kernel - height, 0)
+    pad_w = max((math.ceil(width / stride) - 1) * stride + kernel - width, 0)
+    if not pad_h and not pad_w:
+        return x
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
 
-    def __init__(self, *args, eps: float = 1e-8, **kwargs):
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d whose weights are standardised (zero mean, unit variance per output channel) in
+    forward; `same=True` pads as TensorFlow's "SAME" (pad_same) instead of `padding`."""
+
+    def __init__(self, *args, eps: float = 1e-8, same: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.eps = eps
+        self.same = same
+        if same and self.padding != (0, 0):
+            raise ValueError("a SAME-padded conv takes no padding of its own")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same:
+            x = pad_same(x, self.kernel_size[0], self.stride[0])
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
         return self._conv_forward(x, (self.weight - mean) / torch.sqrt(var + self.eps), self.bias)
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """Max pooling padded as TensorFlow's "SAME", with -inf (the hybrid's stem)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(pad_same(x, self.kernel_size, self.stride, value=float("-inf")))
 
 
 class PreActBottleneck(nn.Module):
@@ -57,7 +85,9 @@ class Bottleneck(nn.Module):
         mid = out_channels // 4
         self.conv1 = StdConv2d(in_channels, mid, 1, bias=False, eps=eps)
         self.norm1 = nn.GroupNorm(32, mid)
-        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, bias=False, eps=eps)
+        # Strided: TensorFlow's SAME padding, as the official hybrid (pad_same).
+        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=0 if stride > 1 else 1, same=stride > 1,
+                               bias=False, eps=eps)
         self.norm2 = nn.GroupNorm(32, mid)
         self.conv3 = StdConv2d(mid, out_channels, 1, bias=False, eps=eps)
         self.norm3 = nn.GroupNorm(32, out_channels)
@@ -90,11 +120,14 @@ class ResNetFeatures(nn.Module):
     def __init__(self, block_counts: tuple[int, ...], width_factor: int = 1, preact: bool = True, eps: float = 1e-8):
         super().__init__()
         root_width = 64 * width_factor
-        root = [StdConv2d(3, root_width, 7, stride=2, padding=3, bias=False, eps=eps)]
-        if not preact:
-            root += [nn.GroupNorm(32, root_width), nn.ReLU()]
-        # BiT pads with zeros, not -inf, before the max pool.
-        root += [nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, stride=2)]
+        if preact:
+            # BiT: a symmetric padding, and zeros, not -inf, before the max pool.
+            root = [StdConv2d(3, root_width, 7, stride=2, padding=3, bias=False, eps=eps),
+                    nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, stride=2)]
+        else:
+            # The hybrid: TensorFlow's SAME padding for the conv and the pool (pad_same).
+            root = [StdConv2d(3, root_width, 7, stride=2, same=True, bias=False, eps=eps),
+                    nn.GroupNorm(32, root_width), nn.ReLU(), MaxPool2dSame(3, stride=2)]
         self.root = nn.Sequential(*root)
 
         unit = PreActBottleneck if preact else Bottleneck

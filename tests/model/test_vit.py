@@ -142,3 +142,34 @@ def test_patch_embedding_is_the_strided_conv(hybrid):
     # Channels-last images (what a GPU worker's uint8 loader gives) embed the same.
     channels_last = model.embed_patches(images.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(channels_last, expected)
+
+
+def test_the_hybrids_strided_layers_pad_as_tensorflows_same():
+    """The official R50+ViT (google-research/vision_transformer, timm's vit_base_r50_s16_*:
+    StdConv2dSame, MaxPool2dSame) pads strided layers as TensorFlow's "SAME": output
+    ceil(n / stride), the odd pixel of padding after. A symmetric padding (ours before) shifts
+    the sampling grid by a pixel: the published weights then give other features."""
+    from model.resnet import MaxPool2dSame, pad_same
+
+    # (size, kernel, stride) -> (before, after), by TensorFlow's formula.
+    for (n, k, s), (before, after) in {(224, 7, 2): (2, 3), (112, 3, 2): (0, 1), (56, 3, 2): (0, 1),
+                                       (7, 3, 2): (1, 1), (384, 7, 2): (2, 3), (28, 1, 2): (0, 0)}.items():
+        x = torch.arange(n, dtype=torch.float32).reshape(1, 1, 1, n).expand(1, 1, n, n)
+        padded = pad_same(x, k, s, value=-1.0)
+        assert padded.shape[-1] == n + before + after, (n, k, s)
+        row = padded[0, 0, before]  # the first row of the image
+        assert (row[:before] == -1).all() and (row[before:before + n] == x[0, 0, 0]).all() and (row[before + n:] == -1).all()
+        assert F.max_pool2d(padded, k, s).shape[-1] == -(-n // s)
+    model = build_model("R50+ViT-B/16", num_classes=3, image_size=64)
+    root = model.backbone.root
+    assert root[0].same and root[0].padding == (0, 0) and isinstance(root[3], MaxPool2dSame)
+    strided = [m for m in model.backbone.modules() if getattr(m, "stride", None) == (2, 2) and hasattr(m, "same")]
+    # The root, stages 2-3: conv2 (SAME) and the 1x1 projection (SAME pads a 1x1 conv with nothing).
+    assert len(strided) == 1 + 2 * 2
+    assert all(m.same if m.kernel_size != (1, 1) else m.padding == (0, 0) for m in strided)
+    # The pool pads with -inf: a window over the padding holds only what the image has.
+    pooled = MaxPool2dSame(3, stride=2)(-torch.ones(1, 1, 4, 4))
+    assert (pooled == -1).all()
+    # BiT keeps its own (symmetric, zero-padded pool).
+    bit = build_model("R50x1", num_classes=3, image_size=64)
+    assert not bit.features.root[0].same and bit.features.root[0].padding == (3, 3)
