@@ -6,8 +6,9 @@
 In: writes a vitscale export (`<output>/weights/model.safetensors` + `model.json`) that
 `launch/finetune.py --weights` takes; its path is the last line printed. Out (`--to timm`):
 a timm state dict (safetensors) that `timm.create_model(NAME, pretrained=False, **ARGS)` loads
-with strict=True; NAME and ARGS are printed and kept in the file's metadata. Plain ViTs only
-so far (hybrids and BiT are refused by name). Errors print one line and exit with status 2.
+with strict=True; NAME and ARGS are printed and kept in the file's metadata. In: ViT, R50+ViT
+and BiT .npz files, timm's plain ViTs; out: plain ViTs (model/foreign.py). Errors print one
+line and exit with status 2.
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ The npz layouts, as timm's `vision_transformer._load_weights` reads them:
   LayerNorm_1, MlpBlock_0}`, position embeddings `pos_embedding` over the patches only (the
   class token gets none: here a zero one), blocks either one per layer or stacked along a
   first axis (`Transformer/encoderblock/...`, a scanned encoder); `opt/target/` prefixes too.
-Hybrids (R50+ViT) and BiT ResNets are not converted yet: their files are refused by name.
+The R50+ViT hybrids' .npz adds the original code's ResNet (`conv_root`, `gn_root`,
+`block{i}/unit{j}/{conv,gn}{1,2,3}`, `conv_proj`, `gn_proj`); BiT's (google-research/big_transfer)
+is `resnet/root_block`, `resnet/block{i}/unit{jj}/{a,b,c}/{standardized_conv2d,group_norm}`,
+`a/proj`, `resnet/group_norm`, `resnet/head/conv2d`. timm's hybrid and ResNetV2 state dicts are
+not converted yet (refused by name).
 """
 
 from __future__ import annotations
@@ -58,15 +62,14 @@ def read_npz(data: bytes) -> dict[str, np.ndarray]:
 def detect_format(keys) -> str:
     """'npz' (a JAX/Flax tree), 'timm', 'vitscale', or raises ForeignWeightsError."""
     keys = set(keys)
-    if any(f"{p}embedding/kernel" in keys for p in PREFIXES):
+    if any(f"{p}embedding/kernel" in keys for p in PREFIXES) or "resnet/root_block/standardized_conv2d/kernel" in keys:
         return "npz"
-    if any(f"{p}conv_root/kernel" in keys for p in PREFIXES) or any("block1/unit1/" in k for k in keys):
-        raise ForeignWeightsError("a BiT or R50+ViT hybrid checkpoint: only plain ViTs are converted so far")
     if "patch_embed.proj.weight" in keys:
         return "timm"
     if "patch_embed.backbone.stem.conv.weight" in keys or "stem.conv.weight" in keys:
-        raise ForeignWeightsError("a timm hybrid or ResNetV2 state: only plain ViTs are converted so far")
-    if "patch_embed.weight" in keys and "cls_token" in keys:
+        raise ForeignWeightsError("a timm hybrid or ResNetV2 state: timm's are converted for plain ViTs only so far "
+                                  "(their .npz files are read)")
+    if ("patch_embed.weight" in keys and "cls_token" in keys) or "features.root.0.weight" in keys:
         return "vitscale"
     sample = ", ".join(sorted(keys)[:3])
     raise ForeignWeightsError(f"neither a ViT .npz tree nor a timm or vitscale ViT state (keys: {sample}, ...)")
@@ -80,12 +83,13 @@ def _t(array: np.ndarray) -> torch.Tensor:
 
 def from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """A plain ViT's JAX/Flax .npz tree (module docstring) as our state dict."""
+    if "resnet/root_block/standardized_conv2d/kernel" in arrays:
+        return from_bit_npz(arrays)
     prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in arrays), None)
     if prefix is None:
         raise ForeignWeightsError("no embedding/kernel: not a ViT .npz tree")
     w = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    if "conv_root/kernel" in w:
-        raise ForeignWeightsError("an R50+ViT hybrid .npz: only plain ViTs are converted so far")
+    hybrid = _hybrid_backbone(w, prefix) if "conv_root/kernel" in w else {}
     if "cls" not in w:
         raise ForeignWeightsError("a ViT without a class token (global-average pooled): the zoo's ViTs classify "
                                   "the class token")
@@ -151,7 +155,67 @@ def from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     if "head/kernel" in w:
         state["head.weight"] = _t(w["head/kernel"]).T.contiguous()
         state["head.bias"] = _t(w["head/bias"])
-    return _with_head(state)
+    return _with_head({**hybrid, **state})
+
+
+def _conv(kernel: np.ndarray) -> torch.Tensor:
+    return _t(kernel.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+
+
+def _hybrid_backbone(w: Mapping[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
+    """The R50 of an R50+ViT .npz (the original code's names: conv_root, gn_root,
+    block{i}/unit{j}/{conv,gn}{1,2,3}, conv_proj, gn_proj) under our `backbone.` names."""
+    state = {"backbone.root.0.weight": _conv(w["conv_root/kernel"]),
+             "backbone.root.1.weight": _t(w["gn_root/scale"]), "backbone.root.1.bias": _t(w["gn_root/bias"])}
+    stage = 1
+    while f"block{stage}/unit1/conv1/kernel" in w:
+        unit = 1
+        while f"block{stage}/unit{unit}/conv1/kernel" in w:
+            base, ours = f"block{stage}/unit{unit}/", f"backbone.stages.{stage - 1}.{unit - 1}."
+            for r in (1, 2, 3):
+                state[ours + f"conv{r}.weight"] = _conv(w[f"{base}conv{r}/kernel"])
+                state[ours + f"norm{r}.weight"] = _t(w[f"{base}gn{r}/scale"])
+                state[ours + f"norm{r}.bias"] = _t(w[f"{base}gn{r}/bias"])
+            if f"{base}conv_proj/kernel" in w:
+                state[ours + "downsample.0.weight"] = _conv(w[f"{base}conv_proj/kernel"])
+                state[ours + "downsample.1.weight"] = _t(w[f"{base}gn_proj/scale"])
+                state[ours + "downsample.1.bias"] = _t(w[f"{base}gn_proj/bias"])
+            unit += 1
+        stage += 1
+    if stage == 1:
+        raise ForeignWeightsError(f"the .npz has {prefix}conv_root but no {prefix}block1/unit1/: a hybrid without "
+                                  f"its ResNet stages")
+    return state
+
+
+def from_bit_npz(w: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A BiT ResNet-v2 .npz (google-research/big_transfer: resnet/root_block, resnet/block{i}/
+    unit{jj}/{a,b,c}/{standardized_conv2d,group_norm}, a/proj, resnet/group_norm, resnet/head/conv2d)
+    under our ResNetV2 names."""
+    p = "resnet/"
+    state = {"features.root.0.weight": _conv(w[p + "root_block/standardized_conv2d/kernel"]),
+             "features.norm.0.weight": _t(w[p + "group_norm/gamma"]), "features.norm.0.bias": _t(w[p + "group_norm/beta"])}
+    stage = 1
+    while f"{p}block{stage}/unit01/a/standardized_conv2d/kernel" in w:
+        unit = 1
+        while f"{p}block{stage}/unit{unit:02d}/a/standardized_conv2d/kernel" in w:
+            base, ours = f"{p}block{stage}/unit{unit:02d}/", f"features.stages.{stage - 1}.{unit - 1}."
+            for r, letter in ((1, "a"), (2, "b"), (3, "c")):
+                state[ours + f"conv{r}.weight"] = _conv(w[f"{base}{letter}/standardized_conv2d/kernel"])
+                state[ours + f"norm{r}.weight"] = _t(w[f"{base}{letter}/group_norm/gamma"])
+                state[ours + f"norm{r}.bias"] = _t(w[f"{base}{letter}/group_norm/beta"])
+            if f"{base}a/proj/standardized_conv2d/kernel" in w:
+                state[ours + "downsample.weight"] = _conv(w[f"{base}a/proj/standardized_conv2d/kernel"])
+            unit += 1
+        stage += 1
+    if f"{p}head/conv2d/kernel" in w:
+        kernel = w[f"{p}head/conv2d/kernel"]  # (1, 1, features, classes)
+        state["head.weight"] = _t(kernel.reshape(kernel.shape[-2], kernel.shape[-1]).T)
+        state["head.bias"] = _t(w[f"{p}head/conv2d/bias"])
+    else:
+        width = state["features.norm.0.weight"].shape[0]
+        state["head.weight"], state["head.bias"] = torch.zeros(1, width), torch.zeros(1)
+    return state
 
 
 # ---- timm <-> ours ------------------------------------------------------------------------
@@ -215,18 +279,36 @@ def _with_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _block_counts(state: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, ...]:
+    counts: dict[int, set] = {}
+    for key in state:
+        if key.startswith(prefix + "stages."):
+            stage, unit = key[len(prefix) + len("stages."):].split(".")[:2]
+            counts.setdefault(int(stage), set()).add(int(unit))
+    return tuple(len(counts[i]) for i in sorted(counts))
+
+
 def looks_like(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The zoo's plain ViT whose width, depth and patch size the state has, or None."""
+    """The zoo model whose sizes the state has (a ViT's width, depth and patch; a hybrid's also
+    its ResNet stages; a BiT's stages and width), or None."""
     from model.specs import MODEL_NAMES, model_spec
 
+    if "features.root.0.weight" in state:  # BiT
+        shape = (_block_counts(state, "features."), state["features.root.0.weight"].shape[0] // 64)
+        return next((n for n in MODEL_NAMES if model_spec(n).family == "resnet"
+                     and (model_spec(n).block_counts, model_spec(n).width_factor) == shape), None)
     if "patch_embed.weight" not in state or "cls_token" not in state:
         return None
     width = state["cls_token"].shape[-1]
     patch = state["patch_embed.weight"].shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    hybrid = "backbone.root.0.weight" in state
+    counts = _block_counts(state, "backbone.") if hybrid else None
     for name in MODEL_NAMES:
         spec = model_spec(name)
-        if spec.family == "vit" and (spec.width, spec.depth, spec.patch_size) == (width, depth, patch):
+        if (spec.width, spec.depth, spec.patch_size) != (width, depth, patch):
+            continue
+        if (spec.family == "vit" and not hybrid) or (spec.family == "hybrid" and hybrid and spec.block_counts == counts):
             return name
     return None
 
@@ -240,19 +322,26 @@ def check_state(state: Mapping[str, torch.Tensor], name: str) -> dict:
     from model.specs import model_spec
 
     spec = model_spec(name)
-    if spec.family != "vit":
-        raise ForeignWeightsError(f"{name}: only plain ViTs are converted so far")
     like = looks_like(state)
     hint = f" (the file looks like {like})" if like and like != name else ""
-    if "pos_embed" not in state or "head.weight" not in state:
-        raise ForeignWeightsError(f"the state has no pos_embed or head: not a ViT{hint}")
-    patches = state["pos_embed"].shape[1] - 1
-    grid = round(patches ** 0.5)
-    if grid * grid != patches:
-        raise ForeignWeightsError(f"pos_embed holds {patches} patch positions, not a square grid")
-    build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": grid * spec.patch_size,
-             "representation_size": int(state["pre_logits.0.weight"].shape[0]) if "pre_logits.0.weight" in state else None}
+    if "head.weight" not in state:
+        raise ForeignWeightsError(f"the state has no head.weight: not a model of the zoo{hint}")
+    if spec.family == "resnet":
+        build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": 224, "representation_size": None}
+    else:
+        if "pos_embed" not in state:
+            raise ForeignWeightsError(f"not {name}: the state has no pos_embed{hint}")
+        patches = state["pos_embed"].shape[1] - 1
+        grid = round(patches ** 0.5)
+        if grid * grid != patches:
+            raise ForeignWeightsError(f"pos_embed holds {patches} patch positions, not a square grid")
+        build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": grid * spec.stride,
+                 "representation_size": int(state["pre_logits.0.weight"].shape[0])
+                 if "pre_logits.0.weight" in state else None}
+    if spec.family == "resnet":
+        del build["representation_size"]
     expected = build_model(name, device="meta", **build).state_dict()
+    build.setdefault("representation_size", None)
     for key, value in expected.items():
         if key not in state:
             raise ForeignWeightsError(f"not {name}: the file has no {key}{hint}")

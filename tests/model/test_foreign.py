@@ -102,6 +102,68 @@ def test_an_npz_tree_converts_to_the_same_model(layout, representation_size):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
+def hybrid_tree(model) -> dict[str, np.ndarray]:
+    """An R50+ViT's .npz as the original code names it: the ViT part as npz_tree's "original", the
+    ResNet as conv_root, gn_root, block{i}/unit{j}/{conv,gn}{1,2,3}, conv_proj, gn_proj."""
+    tree = npz_tree(model, "original")
+    hwio = lambda conv: conv.weight.detach().numpy().transpose(2, 3, 1, 0)  # noqa: E731
+    vec = lambda t: t.detach().numpy()  # noqa: E731
+    root = model.backbone.root
+    tree.update({"conv_root/kernel": hwio(root[0]), "gn_root/scale": vec(root[1].weight), "gn_root/bias": vec(root[1].bias)})
+    for i, stage in enumerate(model.backbone.stages):
+        for j, unit in enumerate(stage):
+            base = f"block{i + 1}/unit{j + 1}/"
+            for r in (1, 2, 3):
+                tree[f"{base}conv{r}/kernel"] = hwio(getattr(unit, f"conv{r}"))
+                tree[f"{base}gn{r}/scale"] = vec(getattr(unit, f"norm{r}").weight)
+                tree[f"{base}gn{r}/bias"] = vec(getattr(unit, f"norm{r}").bias)
+            if unit.downsample is not None:
+                tree[f"{base}conv_proj/kernel"] = hwio(unit.downsample[0])
+                tree[f"{base}gn_proj/scale"] = vec(unit.downsample[1].weight)
+                tree[f"{base}gn_proj/bias"] = vec(unit.downsample[1].bias)
+    return tree
+
+
+def bit_tree(model) -> dict[str, np.ndarray]:
+    """A BiT ResNet-v2 .npz as google-research/big_transfer names it."""
+    hwio = lambda conv: conv.weight.detach().numpy().transpose(2, 3, 1, 0)  # noqa: E731
+    vec = lambda t: t.detach().numpy()  # noqa: E731
+    f = model.features
+    tree = {"resnet/root_block/standardized_conv2d/kernel": hwio(f.root[0]),
+            "resnet/group_norm/gamma": vec(f.norm[0].weight), "resnet/group_norm/beta": vec(f.norm[0].bias),
+            "resnet/head/conv2d/kernel": vec(model.head.weight).T.reshape(1, 1, *model.head.weight.shape[::-1]),
+            "resnet/head/conv2d/bias": vec(model.head.bias)}
+    for i, stage in enumerate(f.stages):
+        for j, unit in enumerate(stage):
+            base = f"resnet/block{i + 1}/unit{j + 1:02d}/"
+            for r, letter in ((1, "a"), (2, "b"), (3, "c")):
+                tree[f"{base}{letter}/standardized_conv2d/kernel"] = hwio(getattr(unit, f"conv{r}"))
+                tree[f"{base}{letter}/group_norm/gamma"] = vec(getattr(unit, f"norm{r}").weight)
+                tree[f"{base}{letter}/group_norm/beta"] = vec(getattr(unit, f"norm{r}").bias)
+            if unit.downsample is not None:
+                tree[f"{base}a/proj/standardized_conv2d/kernel"] = hwio(unit.downsample)
+    return tree
+
+
+@pytest.mark.parametrize("name,tree", [("R50+ViT-B/16", hybrid_tree), ("R50x1", bit_tree)])
+def test_hybrid_and_bit_npz_trees_convert_to_the_same_model(name, tree):
+    from model.foreign import looks_like
+
+    source = source_model(name, image_size=64, num_classes=5)
+    state = from_npz(read_npz(npz_bytes(tree(source))))
+    assert looks_like(state) == name
+    build = check_state(state, name)
+    assert build["num_classes"] == 5
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source(images)
+        model = build_model(name, num_classes=5, image_size=64)
+        model.load_state_dict(state, strict=True)
+        got = model.eval()(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
 def test_timm_names_round_trip_and_match_timms_layout():
     source = source_model()
     state = source.state_dict()
@@ -131,9 +193,9 @@ def test_refused_files_are_refused_without_unpickling():
     good = npz_bytes(npz_tree(source_model(), "original"))
     with pytest.raises(ForeignWeightsError, match="not a readable .npz"):
         read_npz(good[: len(good) // 2])
-    with pytest.raises(ForeignWeightsError, match="hybrid"):
+    with pytest.raises(ForeignWeightsError, match="a hybrid without its ResNet stages"):
         from_npz({"embedding/kernel": np.zeros((1, 1, 1024, 768)), "conv_root/kernel": np.zeros((7, 7, 3, 64)),
-                  "cls": np.zeros((1, 1, 768))})
+                  "gn_root/scale": np.zeros(64), "gn_root/bias": np.zeros(64), "cls": np.zeros((1, 1, 768))})
 
 
 def run(*args):
