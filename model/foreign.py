@@ -1,4 +1,4 @@
-"""Foreign checkpoints of the zoo's plain ViTs, in and out: pure functions, no I/O.
+"""Foreign checkpoints of the zoo's models in, and its ViTs out to timm: pure functions, no I/O.
 
     state = from_npz(read_npz(data))            # google-research/vision_transformer, big_vision
     state = from_timm(timm_state_dict)           # timm's `vit_*_patch*` VisionTransformer
@@ -82,7 +82,7 @@ def _t(array: np.ndarray) -> torch.Tensor:
 
 
 def from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """A plain ViT's JAX/Flax .npz tree (module docstring) as our state dict."""
+    """A ViT's, R50+ViT hybrid's or BiT's JAX/Flax .npz tree (module docstring) as our state dict."""
     if "resnet/root_block/standardized_conv2d/kernel" in arrays:
         return from_bit_npz(arrays)
     prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in arrays), None)
@@ -242,8 +242,8 @@ def to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(k.startswith("pre_logits.") for k in state):
         raise ForeignWeightsError("the weights have a pre-logits layer, which timm's VisionTransformer does not "
                                   "build; export a fine-tuned model (the fan-out's final trials), which has none")
-    if any(k.startswith("backbone.") for k in state):
-        raise ForeignWeightsError("an R50+ViT hybrid: only plain ViTs are converted so far")
+    if any(k.startswith(("backbone.", "features.")) for k in state):
+        raise ForeignWeightsError("a hybrid or BiT: only plain ViTs are converted to timm so far")
     dropped = ("mask_token", "masked_patch_head.weight", "masked_patch_head.bias")
     return {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in state.items() if k not in dropped}
 

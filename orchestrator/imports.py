@@ -114,7 +114,7 @@ def export_to_timm(source: str, output: str, fmt: str = "auto") -> tuple[str, di
     state, _ = read_state(source, read_bytes(source), fmt)
     name = looks_like(state)
     if name is None:
-        raise ForeignWeightsError(f"{source}: no plain ViT of the zoo has these shapes")
+        raise ForeignWeightsError(f"{source}: no model of the zoo has these shapes")
     check_state(state, name)
     timm_name, args = timm_model_args(name, state)
     body = _safetensors_bytes(to_timm(state), {"timm_model": timm_name, "timm_args": json.dumps(args, sort_keys=True),
