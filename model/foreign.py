@@ -23,8 +23,9 @@ The npz layouts, as timm's `vision_transformer._load_weights` reads them:
 The R50+ViT hybrids' .npz adds the original code's ResNet (`conv_root`, `gn_root`,
 `block{i}/unit{j}/{conv,gn}{1,2,3}`, `conv_proj`, `gn_proj`); BiT's (google-research/big_transfer)
 is `resnet/root_block`, `resnet/block{i}/unit{jj}/{a,b,c}/{standardized_conv2d,group_norm}`,
-`a/proj`, `resnet/group_norm`, `resnet/head/conv2d`. timm's hybrid and ResNetV2 state dicts are
-not converted yet (refused by name).
+`a/proj`, `resnet/group_norm`, `resnet/head/conv2d`. timm's hybrid (`patch_embed.backbone.stem`,
+`stages.i.blocks.j`, `downsample.conv/.norm`) and ResNetV2 (`stem.conv`, `norm`, `head.fc` a
+1x1 conv) state dicts are read too.
 """
 
 from __future__ import annotations
@@ -66,9 +67,8 @@ def detect_format(keys) -> str:
         return "npz"
     if "patch_embed.proj.weight" in keys:
         return "timm"
-    if "patch_embed.backbone.stem.conv.weight" in keys or "stem.conv.weight" in keys:
-        raise ForeignWeightsError("a timm hybrid or ResNetV2 state: timm's are converted for plain ViTs only so far "
-                                  "(their .npz files are read)")
+    if "stem.conv.weight" in keys and "head.fc.weight" in keys or "stem.conv.weight" in keys and "norm.weight" in keys:
+        return "timm"  # a ResNetV2 (BiT)
     if ("patch_embed.weight" in keys and "cls_token" in keys) or "features.root.0.weight" in keys:
         return "vitscale"
     sample = ", ".join(sorted(keys)[:3])
@@ -223,6 +223,8 @@ def from_bit_npz(w: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def from_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm `vit_*_patch*` VisionTransformer's state dict as ours."""
     state = dict(state.get("state_dict", state)) if isinstance(state.get("state_dict"), Mapping) else dict(state)
+    if "stem.conv.weight" in state:
+        return _from_timm_resnetv2(state)
     if "patch_embed.proj.weight" not in state:
         raise ForeignWeightsError("no patch_embed.proj.weight: not a timm ViT state")
     unsupported = [k for k in state if k.startswith(("fc_norm.", "attn_pool.", "reg_token", "norm_pre."))
@@ -232,8 +234,38 @@ def from_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ours = {}
     for key, value in state.items():
         key = key.replace("patch_embed.proj.", "patch_embed.").replace("pre_logits.fc.", "pre_logits.0.")
+        if key.startswith("patch_embed.backbone."):  # a hybrid (vit_*_r50_*): its ResNet
+            key = _resnet_key(key[len("patch_embed.backbone."):], "backbone.", norm_in_downsample=True)
         ours[key] = value.detach().float().contiguous()
     return _with_head(ours)
+
+
+def _resnet_key(key: str, prefix: str, *, norm_in_downsample: bool) -> str:
+    """A timm ResNetV2 key (stem.conv, stem.norm, stages.i.blocks.j.*, downsample.conv/.norm)
+    under our names (root.0, root.1, stages.i.j.*, downsample.0/.1 or downsample)."""
+    key = key.replace("stem.conv.", "root.0.").replace("stem.norm.", "root.1.").replace(".blocks.", ".")
+    if norm_in_downsample:
+        key = key.replace("downsample.conv.", "downsample.0.").replace("downsample.norm.", "downsample.1.")
+    else:
+        key = key.replace("downsample.conv.", "downsample.")
+    return prefix + key
+
+
+def _from_timm_resnetv2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's resnetv2_*_bit (pre-activation, fixed padding) as our ResNetV2."""
+    ours = {}
+    for key, value in state.items():
+        value = value.detach().float()
+        if key.startswith("head.fc."):  # a 1x1 conv head
+            ours[key.replace("head.fc.", "head.")] = value.flatten(1) if value.ndim == 4 else value
+        elif key.startswith("norm."):
+            ours["features.norm.0." + key[len("norm."):]] = value
+        else:
+            ours[_resnet_key(key, "features.", norm_in_downsample=False)] = value
+    if "head.weight" not in ours:
+        width = ours["features.norm.0.weight"].shape[0]
+        ours["head.weight"], ours["head.bias"] = torch.zeros(1, width), torch.zeros(1)
+    return {k: v.contiguous() for k, v in ours.items()}
 
 
 def to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ from model.resnet import ResNetFeatures, ResNetV2
 from model.specs import MODEL_NAMES, SIZES, ModelSpec, model_spec  # noqa: F401  (re-exported)
 from model.vit import VisionTransformer
 
-# Weight Standardization epsilon of the ViT paper's official hybrid code (BiT uses 1e-8 here).
+# Weight Standardization epsilon of the ViT paper's official hybrid code, added to the standard
+# deviation as its `weight_standardize` does (BiT: 1e-8 added to the variance).
 HYBRID_STDCONV_EPS = 1e-5
 
 

@@ -6,6 +6,7 @@ code uses post-activation bottlenecks (conv -> GN -> ReLU, ReLU after the residu
 so does timm's port of it, so checkpoints of either load into the matching variant.
 """
 
+import functools
 import math
 
 import torch
@@ -28,12 +29,15 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
 
 class StdConv2d(nn.Conv2d):
     """Conv2d whose weights are standardised (zero mean, unit variance per output channel) in
-    forward; `same=True` pads as TensorFlow's "SAME" (pad_same) instead of `padding`."""
+    forward: (w - mean) / sqrt(var + eps), as BiT; with `eps_on_std`, (w - mean) / (std + eps),
+    as the ViT paper's hybrid code (vision_transformer's and big_vision's `weight_standardize`).
+    `same=True` pads as TensorFlow's "SAME" (pad_same) instead of `padding`."""
 
-    def __init__(self, *args, eps: float = 1e-8, same: bool = False, **kwargs):
+    def __init__(self, *args, eps: float = 1e-8, same: bool = False, eps_on_std: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.eps = eps
         self.same = same
+        self.eps_on_std = eps_on_std
         if same and self.padding != (0, 0):
             raise ValueError("a SAME-padded conv takes no padding of its own")
 
@@ -41,7 +45,8 @@ class StdConv2d(nn.Conv2d):
         if self.same:
             x = pad_same(x, self.kernel_size[0], self.stride[0])
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return self._conv_forward(x, (self.weight - mean) / torch.sqrt(var + self.eps), self.bias)
+        scale = torch.sqrt(var) + self.eps if self.eps_on_std else torch.sqrt(var + self.eps)
+        return self._conv_forward(x, (self.weight - mean) / scale, self.bias)
 
 
 class MaxPool2dSame(nn.MaxPool2d):
@@ -83,21 +88,19 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, eps: float):
         super().__init__()
         mid = out_channels // 4
-        self.conv1 = StdConv2d(in_channels, mid, 1, bias=False, eps=eps)
+        conv = functools.partial(StdConv2d, bias=False, eps=eps, eps_on_std=True)  # the official hybrid's
+        self.conv1 = conv(in_channels, mid, 1)
         self.norm1 = nn.GroupNorm(32, mid)
         # Strided: TensorFlow's SAME padding, as the official hybrid (pad_same).
-        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=0 if stride > 1 else 1, same=stride > 1,
-                               bias=False, eps=eps)
+        self.conv2 = conv(mid, mid, 3, stride=stride, padding=0 if stride > 1 else 1, same=stride > 1)
         self.norm2 = nn.GroupNorm(32, mid)
-        self.conv3 = StdConv2d(mid, out_channels, 1, bias=False, eps=eps)
+        self.conv3 = conv(mid, out_channels, 1)
         self.norm3 = nn.GroupNorm(32, out_channels)
         nn.init.zeros_(self.norm3.weight)  # each unit starts as the identity, as in the original
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                StdConv2d(in_channels, out_channels, 1, stride=stride, bias=False, eps=eps),
-                nn.GroupNorm(32, out_channels),
-            )
+            self.downsample = nn.Sequential(conv(in_channels, out_channels, 1, stride=stride),
+                                            nn.GroupNorm(32, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x) if self.downsample is not None else x
@@ -126,7 +129,7 @@ class ResNetFeatures(nn.Module):
                     nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, stride=2)]
         else:
             # The hybrid: TensorFlow's SAME padding for the conv and the pool (pad_same).
-            root = [StdConv2d(3, root_width, 7, stride=2, same=True, bias=False, eps=eps),
+            root = [StdConv2d(3, root_width, 7, stride=2, same=True, bias=False, eps=eps, eps_on_std=True),
                     nn.GroupNorm(32, root_width), nn.ReLU(), MaxPool2dSame(3, stride=2)]
         self.root = nn.Sequential(*root)
 

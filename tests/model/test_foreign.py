@@ -164,6 +164,39 @@ def test_hybrid_and_bit_npz_trees_convert_to_the_same_model(name, tree):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
+def test_timm_hybrid_and_resnetv2_states_convert():
+    """timm's names (vision_transformer_hybrid's `patch_embed.backbone.*`, resnetv2's `stem.conv`,
+    `stages.i.blocks.j`, `downsample.conv`/`.norm`, `norm`, a 1x1-conv `head.fc`), written here
+    from our names, come back as ours exactly."""
+    import re
+
+    def timm_resnet(key, norm_in_downsample):
+        key = key.replace("root.0.", "stem.conv.").replace("root.1.", "stem.norm.")
+        key = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
+        if norm_in_downsample:
+            return key.replace("downsample.0.", "downsample.conv.").replace("downsample.1.", "downsample.norm.")
+        return key.replace("downsample.", "downsample.conv.")
+
+    hybrid = source_model("R50+ViT-B/16", image_size=64, num_classes=5).state_dict()
+    theirs = {("patch_embed.backbone." + timm_resnet(k[len("backbone."):], True)) if k.startswith("backbone.")
+              else k.replace("patch_embed.", "patch_embed.proj."): v for k, v in hybrid.items()}
+    assert "patch_embed.backbone.stages.0.blocks.0.downsample.conv.weight" in theirs
+    back = from_timm(theirs)
+    assert set(back) == set(hybrid) and all(torch.equal(back[k], hybrid[k]) for k in hybrid)
+    bit = source_model("R50x1", image_size=64, num_classes=5).state_dict()
+    theirs = {}
+    for k, v in bit.items():
+        if k.startswith("features.norm.0."):
+            theirs["norm." + k.split(".")[-1]] = v
+        elif k.startswith("head."):
+            theirs["head.fc." + k.split(".")[-1]] = v[:, :, None, None] if v.ndim == 2 else v
+        else:
+            theirs[timm_resnet(k[len("features."):], False)] = v
+    assert "stages.1.blocks.0.downsample.conv.weight" in theirs and "stem.conv.weight" in theirs
+    back = from_timm(theirs)
+    assert set(back) == set(bit) and all(torch.equal(back[k], bit[k]) for k in bit)
+
+
 def test_timm_names_round_trip_and_match_timms_layout():
     source = source_model()
     state = source.state_dict()

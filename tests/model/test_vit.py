@@ -170,6 +170,15 @@ def test_the_hybrids_strided_layers_pad_as_tensorflows_same():
     # The pool pads with -inf: a window over the padding holds only what the image has.
     pooled = MaxPool2dSame(3, stride=2)(-torch.ones(1, 1, 4, 4))
     assert (pooled == -1).all()
+    # Weight Standardization as the official hybrid code's weight_standardize: (w - mean) / (std + 1e-5).
+    convs = [m for m in model.backbone.modules() if isinstance(m, StdConv2d)]
+    assert convs and all(m.eps_on_std and m.eps == 1e-5 for m in convs)
+    conv = convs[1]
+    w = conv.weight.detach()
+    official = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    assert torch.allclose(conv(x), F.conv2d(x, official, None, conv.stride, conv.padding), atol=1e-5)
     # BiT keeps its own (symmetric, zero-padded pool).
     bit = build_model("R50x1", num_classes=3, image_size=64)
     assert not bit.features.root[0].same and bit.features.root[0].padding == (3, 3)
+    assert not any(m.eps_on_std for m in bit.modules() if isinstance(m, StdConv2d))
