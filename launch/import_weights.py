@@ -7,8 +7,8 @@ In: writes a vitscale export (`<output>/weights/model.safetensors` + `model.json
 `launch/finetune.py --weights` takes; its path is the last line printed. Out (`--to timm`):
 a timm state dict (safetensors) that `timm.create_model(NAME, pretrained=False, **ARGS)` loads
 with strict=True; NAME and ARGS are printed and kept in the file's metadata. In: ViT, R50+ViT
-and BiT .npz files, timm's plain ViTs; out: plain ViTs (model/foreign.py). Errors print one
-line and exit with status 2.
+and BiT .npz files and timm state dicts; out: the zoo models timm builds (model/foreign.py).
+Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations

@@ -268,29 +268,66 @@ def _from_timm_resnetv2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {k: v.contiguous() for k, v in ours.items()}
 
 
+# Zoo models with a timm counterpart of the same architecture (timm 1.0's registered names).
+TIMM_HYBRIDS = {"R50+ViT-B/16": "vit_base_r50_s16_224", "R50+ViT-L/32": "vit_large_r50_s32_224"}
+TIMM_BIT = {"R50x1": "resnetv2_50x1_bit", "R101x1": "resnetv2_101x1_bit", "R152x2": "resnetv2_152x2_bit"}
+
+
+def _timm_resnet_key(key: str, norm_in_downsample: bool) -> str:
+    """Ours (root.0, root.1, stages.i.j.*, downsample[.0/.1]) -> timm's ResNetV2 names."""
+    key = key.replace("root.0.", "stem.conv.").replace("root.1.", "stem.norm.")
+    if key.startswith("stages."):
+        stage, unit, rest = key[len("stages."):].split(".", 2)
+        key = f"stages.{stage}.blocks.{unit}.{rest}"
+    if norm_in_downsample:
+        return key.replace("downsample.0.", "downsample.conv.").replace("downsample.1.", "downsample.norm.")
+    return key.replace("downsample.", "downsample.conv.")
+
+
 def to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our plain ViT's state dict under timm's names. timm's VisionTransformer has no pre-logits
+    """Our state dict under timm's names: plain ViTs (vit_*_patch*), R50+ViT hybrids
+    (vit_*_r50_*), BiT (resnetv2_*_bit, whose head is a 1x1 conv). timm's ViTs have no pre-logits
     layer: a state with one is refused (fine-tuned exports have none)."""
     if any(k.startswith("pre_logits.") for k in state):
         raise ForeignWeightsError("the weights have a pre-logits layer, which timm's VisionTransformer does not "
                                   "build; export a fine-tuned model (the fan-out's final trials), which has none")
-    if any(k.startswith(("backbone.", "features.")) for k in state):
-        raise ForeignWeightsError("a hybrid or BiT: only plain ViTs are converted to timm so far")
     dropped = ("mask_token", "masked_patch_head.weight", "masked_patch_head.bias")
-    return {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in state.items() if k not in dropped}
+    bit = "features.root.0.weight" in state
+    out = {}
+    for key, value in state.items():
+        if key in dropped:
+            continue
+        if key.startswith("backbone."):
+            out["patch_embed.backbone." + _timm_resnet_key(key[len("backbone."):], True)] = value
+        elif key.startswith("features.norm.0."):
+            out["norm." + key[len("features.norm.0."):]] = value
+        elif key.startswith("features."):
+            out[_timm_resnet_key(key[len("features."):], False)] = value
+        elif bit and key.startswith("head."):
+            out["head.fc." + key[len("head."):]] = value[:, :, None, None] if value.ndim == 2 else value
+        else:
+            out[key.replace("patch_embed.", "patch_embed.proj.")] = value
+    return out
 
 
 def timm_model_args(name: str, state: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
     """(timm model name, create_model keyword arguments) for our `name` and its state: timm's
-    registered name where the zoo model has one, its size given as arguments otherwise (ViT-Mu)."""
+    registered name where the zoo model has one, a plain ViT's size given as arguments
+    otherwise (ViT-Mu). Raises for a hybrid or BiT that timm does not build."""
     from model.specs import model_spec
 
     spec = model_spec(name)
-    if spec.family != "vit":
-        raise ForeignWeightsError(f"{name}: only plain ViTs are converted to timm so far")
+    classes = int(state["head.weight"].shape[0])
+    if spec.family == "resnet":
+        if name not in TIMM_BIT:
+            raise ForeignWeightsError(f"timm has no {name}; its BiT models: {', '.join(TIMM_BIT)}")
+        return TIMM_BIT[name], {"num_classes": classes}
     grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    image_size = grid * spec.patch_size
-    args = {"img_size": image_size, "num_classes": int(state["head.weight"].shape[0])}
+    args = {"img_size": grid * spec.stride, "num_classes": classes}
+    if spec.family == "hybrid":
+        if name not in TIMM_HYBRIDS:
+            raise ForeignWeightsError(f"timm has no {name}; its hybrids: {', '.join(TIMM_HYBRIDS)}")
+        return TIMM_HYBRIDS[name], args
     size = name.removeprefix("ViT-").split("/")[0]
     if size in TIMM_SIZES:
         return f"vit_{TIMM_SIZES[size]}_patch{spec.patch_size}_224", args

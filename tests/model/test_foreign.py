@@ -164,7 +164,7 @@ def test_hybrid_and_bit_npz_trees_convert_to_the_same_model(name, tree):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
-def test_timm_hybrid_and_resnetv2_states_convert():
+def test_timm_hybrid_and_resnetv2_states_convert_both_ways():
     """timm's names (vision_transformer_hybrid's `patch_embed.backbone.*`, resnetv2's `stem.conv`,
     `stages.i.blocks.j`, `downsample.conv`/`.norm`, `norm`, a 1x1-conv `head.fc`), written here
     from our names, come back as ours exactly."""
@@ -181,6 +181,8 @@ def test_timm_hybrid_and_resnetv2_states_convert():
     theirs = {("patch_embed.backbone." + timm_resnet(k[len("backbone."):], True)) if k.startswith("backbone.")
               else k.replace("patch_embed.", "patch_embed.proj."): v for k, v in hybrid.items()}
     assert "patch_embed.backbone.stages.0.blocks.0.downsample.conv.weight" in theirs
+    out = to_timm(hybrid)  # and ours out: the same names, the same tensors
+    assert set(out) == set(theirs) and all(torch.equal(out[k], theirs[k]) for k in theirs)
     back = from_timm(theirs)
     assert set(back) == set(hybrid) and all(torch.equal(back[k], hybrid[k]) for k in hybrid)
     bit = source_model("R50x1", image_size=64, num_classes=5).state_dict()
@@ -193,6 +195,8 @@ def test_timm_hybrid_and_resnetv2_states_convert():
         else:
             theirs[timm_resnet(k[len("features."):], False)] = v
     assert "stages.1.blocks.0.downsample.conv.weight" in theirs and "stem.conv.weight" in theirs
+    out = to_timm(bit)
+    assert set(out) == set(theirs) and all(torch.equal(out[k], theirs[k]) for k in theirs)
     back = from_timm(theirs)
     assert set(back) == set(bit) and all(torch.equal(back[k], bit[k]) for k in bit)
 
