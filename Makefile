@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-build-isolation deepspeed
 	$(VPY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > $(VENV)/requirements.txt
 	$(PIP) -r $(VENV)/requirements.txt
+	# For tests only, beside the venv, never on its path: timm's modules, to check our converted
+	# weights against (tests/model/test_timm_logits.py). torchvision (which timm imports) is a
+	# CUDA build here whose compiled ops do not load beside the CPU torch; anything that merely
+	# tried to import it from the venv would fail, so it stays out.
+	$(PIP) --no-deps --target $(VENV)/timm-only timm torchvision
 	touch $(STAMP)
 
 test: $(STAMP)
