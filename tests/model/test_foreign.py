@@ -276,7 +276,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "text.npz").write_text("not a zip")
     torch.save({"x": torch.zeros(1), "obj": io.StringIO()}, tmp_path / "custom.pth")
     np.savez(tmp_path / "vit.npz", **npz_tree(source_model(), "original"))
+    from safetensors.torch import save
+    whole = save({k: v.contiguous() for k, v in to_timm(source_model().state_dict()).items()})
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 3])  # a download cut short
     cases = [
+        (["--input", str(tmp_path / "cut.safetensors"), "--output", str(tmp_path / "o")],
+         ["cut.safetensors: not a readable safetensors file"]),
         (["--input", str(tmp_path / "text.npz"), "--output", str(tmp_path / "o")], ["not a readable .npz"]),
         (["--input", str(tmp_path / "custom.pth"), "--output", str(tmp_path / "o")], ["weights_only=True"]),
         (["--input", str(tmp_path / "vit.npz"), "--output", str(tmp_path / "o"), "--model", "ViT-B/16"],
