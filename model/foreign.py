@@ -1,7 +1,7 @@
-"""Foreign checkpoints of the zoo's models in, and its ViTs out to timm: pure functions, no I/O.
+"""Foreign checkpoints of the zoo's models in, and ours out to timm: pure functions, no I/O.
 
-    state = from_npz(read_npz(data))            # google-research/vision_transformer, big_vision
-    state = from_timm(timm_state_dict)           # timm's `vit_*_patch*` VisionTransformer
+    state = from_npz(read_npz(data))            # vision_transformer, big_vision, big_transfer
+    state = from_timm(timm_state_dict)           # timm's vit_*_patch*, vit_*_r50_*, resnetv2_*_bit
     timm_state = to_timm(state)                  # ours -> timm, strict-loadable (timm_model_args)
     name = check_state(state, "ViT-B/16")        # names and shapes against the zoo model
 

@@ -37,7 +37,7 @@ def read_state(url: str, data: bytes, fmt: str = "auto") -> tuple[dict[str, torc
     if fmt == "npz" or (fmt == "auto" and name.endswith(".npz")):
         arrays = read_npz(data)
         if detect_format(arrays) != "npz":
-            raise ForeignWeightsError(f"{url}: an .npz without a ViT's embedding/kernel")
+            raise ForeignWeightsError(f"{url}: an .npz that is not a ViT, R50+ViT or BiT tree")
         return from_npz(arrays), "npz"
     if name.endswith(".safetensors"):
         from safetensors import SafetensorError
