@@ -666,7 +666,8 @@ def run_after_pretraining(config, log: Callable[[str], None] = print) -> tuple[d
         weights, record, config.finetune_data,
         workers_per_trial=config.finetune_workers_per_trial or min(config.workers, 8),
         gpus_per_worker=config.gpus_per_worker, cpus_per_worker=config.cpus_per_worker,
-        zero_stage=config.zero_stage, data_workers=(config.data_workers if config.finetune_data_workers is None else config.finetune_data_workers),
+        zero_stage=config.zero_stage,
+        data_workers=config.data_workers if config.finetune_data_workers is None else config.finetune_data_workers,
         metrics_address=config.metrics_address,
         metrics_port=config.metrics_port, max_failures=config.max_failures, seed=config.seed,
         torch_compile=config.torch_compile)
