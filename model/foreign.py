@@ -212,10 +212,7 @@ def from_bit_npz(w: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         kernel = w[f"{p}head/conv2d/kernel"]  # (1, 1, features, classes)
         state["head.weight"] = _t(kernel.reshape(kernel.shape[-2], kernel.shape[-1]).T)
         state["head.bias"] = _t(w[f"{p}head/conv2d/bias"])
-    else:
-        width = state["features.norm.0.weight"].shape[0]
-        state["head.weight"], state["head.bias"] = torch.zeros(1, width), torch.zeros(1)
-    return state
+    return _with_head(state)
 
 
 # ---- timm <-> ours ------------------------------------------------------------------------
@@ -262,10 +259,7 @@ def _from_timm_resnetv2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             ours["features.norm.0." + key[len("norm."):]] = value
         else:
             ours[_resnet_key(key, "features.", norm_in_downsample=False)] = value
-    if "head.weight" not in ours:
-        width = ours["features.norm.0.weight"].shape[0]
-        ours["head.weight"], ours["head.bias"] = torch.zeros(1, width), torch.zeros(1)
-    return {k: v.contiguous() for k, v in ours.items()}
+    return _with_head({k: v.contiguous() for k, v in ours.items()})
 
 
 # Zoo models with a timm counterpart of the same architecture (timm 1.0's registered names).
@@ -342,7 +336,12 @@ def _with_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state without a classifier (timm's num_classes=0, a headless .npz) gets a one-class zero
     head: fine-tuning replaces it with the dataset's (adapt_pretrained), and our model has one."""
     if "head.weight" not in state:
-        features = state["pre_logits.0.weight"].shape[0] if "pre_logits.0.weight" in state else state["cls_token"].shape[-1]
+        if "features.norm.0.weight" in state:  # BiT: the pooled features' width
+            features = state["features.norm.0.weight"].shape[0]
+        elif "pre_logits.0.weight" in state:
+            features = state["pre_logits.0.weight"].shape[0]
+        else:
+            features = state["cls_token"].shape[-1]
         state["head.weight"] = torch.zeros(1, features)
         state["head.bias"] = torch.zeros(1)
     return state
@@ -395,8 +394,8 @@ def check_state(state: Mapping[str, torch.Tensor], name: str) -> dict:
     hint = f" (the file looks like {like})" if like and like != name else ""
     if "head.weight" not in state:
         raise ForeignWeightsError(f"the state has no head.weight: not a model of the zoo{hint}")
-    if spec.family == "resnet":
-        build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": 224, "representation_size": None}
+    if spec.family == "resnet":  # BiT takes any image size and has no pre-logits
+        build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": 224}
     else:
         if "pos_embed" not in state:
             raise ForeignWeightsError(f"not {name}: the state has no pos_embed{hint}")
@@ -407,8 +406,6 @@ def check_state(state: Mapping[str, torch.Tensor], name: str) -> dict:
         build = {"num_classes": int(state["head.weight"].shape[0]), "image_size": grid * spec.stride,
                  "representation_size": int(state["pre_logits.0.weight"].shape[0])
                  if "pre_logits.0.weight" in state else None}
-    if spec.family == "resnet":
-        del build["representation_size"]
     expected = build_model(name, device="meta", **build).state_dict()
     build.setdefault("representation_size", None)
     for key, value in expected.items():
