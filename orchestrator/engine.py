@@ -64,13 +64,27 @@ def _engine_settings(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
     }
 
 
+def cpu_collectives_through_gloo() -> None:
+    """DeepSpeed's CPU communication op (a shared-memory all-reduce) is neither built nor
+    loaded: a CPU run's collectives go through torch.distributed's gloo, the process group Ray
+    Train (or init_one_rank) set up. DeepSpeed JIT-compiles that op in the first engine of each
+    install, 30 s of the first worker's start on 2 cores (a fresh clone's dry run, CI's first
+    engine), and loads it in every worker's start after that, for the few small collectives a
+    step of vitscale's CPU runs makes (tests, dry runs, one-rank fine-tuning trials). DeepSpeed
+    asks its table of compatible ops before it builds one, and keeps that table, so an op
+    marked there is never built (deepspeed/comm/torch.py build_shm_op)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def use_the_interpreters_ninja() -> None:
     """Puts this interpreter's bin folder first on PATH when it holds a `ninja` (the one pinned in
-    constraints.txt). DeepSpeed JIT-builds its CPU communication op in every process's first
+    constraints.txt). DeepSpeed JIT-builds its ops (FusedAdam on a GPU) in a process's first
     engine (torch.utils.cpp_extension, which runs the `ninja` found on PATH, into one cache
     folder per user). A second ninja on PATH (a system one: `python` run without its venv's bin,
     as `make` does) hashes the build log in another way, so each ninja rebuilds what the other
-    built: ~30 s of a worker's start on 2 cores, in turn. One install, one ninja."""
+    built: ~30 s of a worker's start, in turn. One install, one ninja."""
     here = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.access(os.path.join(here, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != here:
@@ -93,6 +107,8 @@ def init_one_rank(*, use_gpu: bool) -> None:
     if use_gpu:
         torch.cuda.set_device(0)
     use_the_interpreters_ninja()
+    if not use_gpu:
+        cpu_collectives_through_gloo()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
@@ -154,6 +170,8 @@ def build_engine(config: PretrainConfig, *, use_gpu: bool):
     )
     import_muon_lazily()
     use_the_interpreters_ninja()
+    if not use_gpu:
+        cpu_collectives_through_gloo()
     optimizer = None
     if config.optimizer == "sgd":  # a fine-tuning trial: from the exported weights, with SGD
         from orchestrator.checkpoint import load_exported_weights

@@ -237,8 +237,8 @@ class _Worker:
 
     def _deepspeed_notices_in_trial_log(self):
         """A trial worker under Ray: DeepSpeed's notices as its engine is built (the accelerator
-        it chose, its comm op built, the untested SGD) go to the trial's log.txt, not to the
-        fan-out's output (3 lines a trial, and Ray's log dedup prints them late, after the
+        it chose, the untested SGD, anything it prints) go to the trial's log.txt, not to the
+        fan-out's output (2 lines a trial, and Ray's log dedup prints them late, after the
         fan-out's own lines). Its errors are printed still."""
         import contextlib
 

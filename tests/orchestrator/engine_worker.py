@@ -2,7 +2,8 @@
 one update with NaN gradients and a finite loss, then what the worker's check sees; or
 (`compiled`) what `build_engine` makes of `torch_compile`; or (`export STAGE FOLDER`) the
 weights `export_weights` writes after bf16 updates; or (`adamw`) the CPU config's updates
-under each ZeRO stage next to torch's reference AdamW and clipping."""
+under each ZeRO stage next to torch's reference AdamW and clipping; or (`ninja`) what a CPU
+engine's start builds and which ninja it would run."""
 
 import json
 import os
@@ -170,13 +171,22 @@ def adamw() -> None:
 
 
 def ninja() -> None:
-    """A rank's process group as every engine starts it: DeepSpeed's CPU communication op loaded."""
+    """A CPU rank's process group as every engine starts it, then a step of a ZeRO-1 engine: which
+    ninja a JIT build would run, and whether DeepSpeed's CPU communication op was built or loaded."""
+    import shutil
+
     import deepspeed.comm.comm as dist
 
-    from orchestrator.engine import init_one_rank
+    from orchestrator.config import resolve_pretrain_config
+    from orchestrator.engine import build_engine, init_one_rank
 
     init_one_rank(use_gpu=False)
-    print("RESULT " + json.dumps({"comm_op": dist.cdb.shm_comm_op is not None,
+    config = resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1, "zero_stage": 1}, dry_run=True)
+    engine = build_engine(config, use_gpu=False)
+    loss = engine(torch.randn(2, 3, config.image_size, config.image_size)).float().square().mean()
+    engine.backward(loss)
+    engine.step()
+    print("RESULT " + json.dumps({"comm_op": dist.cdb.shm_comm_op is not None, "ninja": shutil.which("ninja"),
                                   "first_on_path": os.environ["PATH"].split(os.pathsep)[0]}))
 
 

@@ -26,16 +26,19 @@ def run_worker(config: str, *args: str, env: dict | None = None) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def test_deepspeeds_comm_op_is_built_by_the_interpreters_own_ninja_whatever_path_says(tmp_path):
-    """Another ninja first on PATH (a system one) would hash the build log in its own way, and
-    each would rebuild the op that the other built (~30 s of a worker's start here)."""
+def test_a_cpu_engine_builds_no_op_and_puts_the_interpreters_ninja_first_whatever_path_says(tmp_path):
+    """A CPU run's collectives go through gloo: DeepSpeed's CPU communication op is neither
+    built (30 s of the first worker's start of an install here) nor loaded, and no ninja runs.
+    Where DeepSpeed does JIT-build (FusedAdam on a GPU), the interpreter's own ninja comes first
+    on PATH: another one (a system one) would hash the build log in its own way, and each would
+    rebuild what the other built."""
     here = os.path.dirname(sys.executable)
     other, calls = tmp_path / "bin", tmp_path / "calls"
     other.mkdir()
     (other / "ninja").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {here}/ninja "$@"\n')
     (other / "ninja").chmod(0o755)
     result = run_worker("ninja", env=dict(os.environ, PATH=f"{other}{os.pathsep}{os.environ['PATH']}"))
-    assert result == {"comm_op": True, "first_on_path": here}
+    assert result == {"comm_op": False, "ninja": os.path.join(here, "ninja"), "first_on_path": here}
     assert not calls.exists(), calls.read_text()
 
 
