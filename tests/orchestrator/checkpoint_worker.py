@@ -62,9 +62,10 @@ def main() -> None:
     if args.memory_room is not None:
         checkpoint.memory_room = lambda: args.memory_room
 
-    from orchestrator.engine import use_the_interpreters_ninja
+    from orchestrator.engine import cpu_collectives_through_gloo, use_the_interpreters_ninja
 
-    use_the_interpreters_ninja()  # what every engine of vitscale does first: see its comment
+    use_the_interpreters_ninja()  # what every CPU engine of vitscale does first: see their comments
+    cpu_collectives_through_gloo()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
