@@ -17,10 +17,12 @@ TrialConfig: the exported weights, a zero head, 384 px, SGD), scheduled by Ray T
 documents for Train v2: a Tuner over a function that builds and fits the trial's trainer
 (`_trial_driver`), at most `max_concurrent_trials` training at once and one more getting ready
 (its processes start while the others train; it waits for a turn: orchestrator/trial_gate.py),
-no early-stopping scheduler (ray #54305 leaks placement groups). Phase one runs the sweeps and
-the trials whose LR is known; phase two the finals the sweeps chose. A trial's record is its result.json, written by its
-rank 0 when its evaluation ends; the same command again schedules nothing for a trial that
-has one and resumes the others from their checkpoints.
+no early-stopping scheduler (ray #54305 leaks placement groups). One Tuner runs them all, in
+the order of a queue (`_TrialQueue`, served to Tune as its Searcher): the longest first, and a
+dataset's final as soon as the last of its sweep trials ends, while other datasets' sweeps go
+on. A trial's record is its result.json, written by its rank 0 when its evaluation ends; the
+same command again schedules nothing for a trial that has one and resumes the others from
+their checkpoints.
 
 Data layout under the data root (launch/make_shards.py writes it): `<root>/<dir>/train/`
 and `<root>/<dir>/test/` with <dir> one of imagenet, cifar100, cifar10, oxford-iiit-pets,
@@ -444,33 +446,148 @@ def concurrency(ray, settings: FanoutSettings) -> int:
     return max(1, int(fits))
 
 
-def _run_trials(configs: list[TrialConfig], *, settings: FanoutSettings, phase: str, ray_local: bool, progress: _Progress,
-                faults: dict, record_dir: str | None) -> dict[str, str]:
-    """Runs the trials through one Ray Tune Tuner; returns trial name -> error of those that failed.
-    `settings.max_concurrent_trials` train at once; with more trials than that, Tune runs one
-    more, which gets ready while they train and waits for a turn (orchestrator/trial_gate.py)."""
+class _TrialQueue:
+    """The fan-out's trials in the order they start, longest first (ImageNet's 20000 steps before
+    Pets' 500: the last trials to end are short ones, and the tail where slots stand idle is
+    short). A dataset's final joins the queue as soon as the last of its sweep trials ends, with
+    the LR the sweep picked on held-out data: it trains while other datasets' sweeps go on.
+    Lives in the driver; `searcher()` is the Ray Tune Searcher that serves it."""
+
+    def __init__(self, configs: dict[str, TrialConfig], records: dict[str, dict], finals: list[Trial], *,
+                 settings: FanoutSettings, classes: dict[str, int], log: Callable[[str], None], metrics=None):
+        import heapq
+        import itertools
+
+        self._push, self._pop, self._order = heapq.heappush, heapq.heappop, itertools.count()
+        self.configs, self.records, self.settings, self.classes, self.log = configs, records, settings, classes, log
+        self.metrics = metrics
+        self.heap: list[tuple[int, int, str]] = []
+        self.waiting: dict[str, set[str]] = {}  # dataset -> its sweep trials not ended yet
+        self.finals = {t.dataset: t for t in finals}
+        self.ended: list[str] = []  # datasets whose sweep ended, final not queued yet
+        self.queued = 0  # finals added after the start (the progress bar's total grows by them)
+        for name, config in configs.items():
+            if name not in records:
+                self._add(config)
+        for dataset in self.finals:
+            self.waiting[dataset] = {n for n, c in configs.items()
+                                     if c.dataset == dataset and c.stage == "sweep" and n not in records}
+            if not self.waiting[dataset]:
+                del self.waiting[dataset]
+                self.ended.append(dataset)
+        self.queue_finals()
+        self.queued = 0
+        self.size = len(self.heap) + len(self.waiting)  # at most this many trials will run
+
+    def _add(self, config: TrialConfig) -> None:
+        self._push(self.heap, (-config.steps, next(self._order), config.trial))
+
+    def queue_finals(self) -> None:
+        """Each dataset whose sweep ended: the LR its held-out accuracies pick, its final queued
+        (or its record read, when a run before this one trained it)."""
+        from orchestrator import finetune_results
+
+        while self.ended:
+            dataset = self.ended.pop(0)
+            sweep = [r for r in self.records.values() if r["dataset"] == dataset and r["stage"] == "sweep"]
+            lr = finetune_results.pick_lr(sweep)
+            if lr is None:  # every sweep trial failed
+                continue
+            if self.metrics is not None:
+                self.metrics.set_best_heldout(dataset, max(r["accuracy"] for r in sweep))
+            final = self.finals[dataset].model_copy(update={"lr": lr})
+            config = trial_config(final, self.settings, self.classes.get(dataset))
+            self.configs[final.name] = config
+            if (record := read_result(config)) is not None:
+                self.records[final.name] = record
+                continue
+            self.log(f"{dataset}: LR {lr:g} picked on held-out data ({_sweep_line(sweep)})")
+            self._add(config)
+            self.queued += 1
+
+    def next(self) -> TrialConfig | None | str:
+        """The next trial to start; None while sweeps still running may add a final; "finished"."""
+        self.queue_finals()
+        if self.heap:
+            return self.configs[self._pop(self.heap)[2]]
+        return None if self.waiting else "finished"
+
+    def ended_trial(self, name: str) -> None:
+        """A trial ended, finished or failed: its record, and its dataset's sweep when it was the last."""
+        config = self.configs[name]
+        if name not in self.records and (record := read_result(config)) is not None:
+            self.records[name] = record
+        pending = self.waiting.get(config.dataset)
+        if config.stage == "sweep" and pending is not None:
+            pending.discard(name)
+            if not pending:
+                del self.waiting[config.dataset]
+                self.ended.append(config.dataset)
+
+    def searcher(self, common: dict, on_queued: Callable[[int], None]):
+        """A Ray Tune Searcher over this queue; `common` joins each trial's config."""
+        from ray.tune.search import Searcher
+
+        queue = self
+
+        class QueueSearcher(Searcher):
+            def __init__(self):
+                super().__init__()
+                self.names: dict[str, str] = {}
+
+            def __reduce__(self):
+                # Tune pickles its tune config into the experiment's folder: that copy need not run.
+                return Searcher, ()
+
+            def suggest(self, trial_id):
+                before = queue.queued
+                config = queue.next()
+                if queue.queued > before:
+                    on_queued(queue.queued - before)
+                if config == "finished":
+                    return Searcher.FINISHED
+                if config is None:
+                    return None
+                self.names[trial_id] = config.trial
+                return {"trial": config.model_dump(mode="json"), **common}
+
+            def on_trial_complete(self, trial_id, result=None, error=False):
+                if trial_id in self.names:
+                    queue.ended_trial(self.names.pop(trial_id))
+
+            def save(self, checkpoint_path):  # Tune's experiment state; a re-run reads result.json instead
+                with open(checkpoint_path, "w") as f:
+                    json.dump({"running": sorted(self.names.values()), "waiting": sorted(queue.waiting)}, f)
+
+        return QueueSearcher()
+
+
+def _run_trials(queue: _TrialQueue, *, settings: FanoutSettings, ray_local: bool, progress: _Progress, faults: dict,
+                record_dir: str | None) -> dict[str, str]:
+    """Runs the queue's trials through one Ray Tune Tuner; returns trial name -> error of those that
+    failed. `settings.max_concurrent_trials` train at once; with more trials than that, Tune runs
+    one more, which gets ready while they train and waits for a turn (orchestrator/trial_gate.py)."""
     import ray
     from ray import tune
 
     from orchestrator.trial_gate import TrialGate
 
-    by_name = {c.trial: c for c in configs}
     turns = settings.max_concurrent_trials
-    gate, gate_name = TrialGate.start(ray, turns) if len(configs) > turns else (None, None)
+    gate, gate_name = TrialGate.start(ray, turns) if queue.size > turns else (None, None)
+    common = {"local": ray_local, "faults": faults, "record_dir": record_dir, "gate": gate_name}
     trainable = tune.with_resources(_trial_driver, {"CPU": 0.01})  # 0 is refused (DESIGN.md)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([c.model_dump(mode="json") for c in configs]), "local": ray_local,
-                     "faults": faults, "record_dir": record_dir, "gate": gate_name},
         # reuse_actors: a trial's driver process (it only builds and fits the trainer) serves the
         # next trial too, one Ray worker process fewer to start per trial.
-        tune_config=tune.TuneConfig(max_concurrent_trials=turns + (gate is not None), reuse_actors=True,
+        tune_config=tune.TuneConfig(search_alg=queue.searcher(common, progress.queued), num_samples=queue.size,
+                                    max_concurrent_trials=turns + (gate is not None), reuse_actors=True,
                                     trial_name_creator=lambda t: slug(t.config["trial"]["trial"]),
                                     trial_dirname_creator=lambda t: slug(t.config["trial"]["trial"])),
-        run_config=tune.RunConfig(name=f"{settings.run}-finetune-{phase}-{int(time.time())}", verbose=0,
+        run_config=tune.RunConfig(name=f"{settings.run}-finetune-{int(time.time())}", verbose=0,
                                   storage_path=os.path.join(tempfile.gettempdir(), "vitscale-tune"),
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[progress.callback(lambda t: _figure(by_name[t["trial"]]), gate_name)]),
+                                  callbacks=[progress.callback(lambda t: _figure(queue.configs[t["trial"]]), gate_name)]),
     )
     # Tune's console output (a table at each Tuner's start, the experiment's paths) would come
     # between the fan-out's own lines; with its older reporter, verbose=0 prints nothing.
@@ -510,10 +627,6 @@ def run_fanout(settings: FanoutSettings, trials: list[Trial], *, log: Callable[[
     for name, config in configs.items():
         if (record := read_result(config)) is not None:
             records[name] = record
-    # The longest trials first (ImageNet's 20000 steps before Pets' 500): the last trials to
-    # end are short ones, and the phase's tail, where slots stand idle, is short.
-    first = sorted((c for n, c in configs.items() if n not in records), key=lambda c: -c.steps)
-    finals_later = [t for t in trials if t.lr is None]
     ray = connect_ray(next(iter(configs.values())) if configs else None)
     local = ray_started_here(ray)
     settings = settings.model_copy(update={"max_concurrent_trials": concurrency(ray, settings)})
@@ -521,33 +634,14 @@ def run_fanout(settings: FanoutSettings, trials: list[Trial], *, log: Callable[[
         f"{len(trials)} trials over {len({t.dataset for t in trials})} datasets, {len(records)} finished already, "
         f"{settings.max_concurrent_trials} at once; results in {settings.results}")
     metrics = _start_fanout_metrics(settings, log)
+    finals_later = [t for t in trials if t.lr is None]
+    queue = _TrialQueue(configs, records, finals_later, settings=settings, classes=classes, log=log, metrics=metrics)
     progress = _Progress(len(configs), len(records), log, metrics)
     failed: dict[str, str] = {}
     with signals_stop_the_run():
         try:
-            if first:
-                failed.update(_run_trials(first, settings=settings, phase="sweep", ray_local=local, progress=progress,
-                                          faults=faults or {}, record_dir=record_dir))
-            _collect(configs.values(), records, failed)
-            _best_heldout(records, metrics)
-            finals = []
-            for trial in finals_later:
-                sweep = [r for n, r in records.items() if r["dataset"] == trial.dataset and r["stage"] == "sweep"]
-                lr = finetune_results.pick_lr(sweep)
-                if lr is None:
-                    continue
-                final = trial.model_copy(update={"lr": lr})
-                config = trial_config(final, settings, classes.get(trial.dataset))
-                configs[final.name] = config
-                if (record := read_result(config)) is not None:
-                    records[final.name] = record
-                    continue
-                log(f"{trial.dataset}: LR {lr:g} picked on held-out data ({_sweep_line(sweep)})")
-                finals.append(config)
-            if finals:
-                finals.sort(key=lambda c: -c.steps)
-                progress.queued(len(finals))
-                failed.update(_run_trials(finals, settings=settings, phase="final", ray_local=local, progress=progress,
+            if queue.size:
+                failed.update(_run_trials(queue, settings=settings, ray_local=local, progress=progress,
                                           faults=faults or {}, record_dir=record_dir))
             _collect(configs.values(), records, failed)
         finally:

@@ -120,8 +120,8 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     assert max(sum(b <= began < e for b, e in spans) for began, _ in spans) == 2, spans
     waited = [float(w) for name in on_s3 if name.endswith("log.txt")
               for w in re.findall(r": ready, waited ([\d.]+) s for a turn", read_bytes(f"{results}/{name}").decode())]
-    # Every phase-one trial that finished (4 sweeps, DTD) said so; CIFAR10's final ran alone.
-    assert len(waited) == len(records) - 1 == 5 and max(waited) > 1, waited
+    # Every trial that finished (4 sweeps, DTD, CIFAR10's final: one Tuner, one gate) said so.
+    assert len(waited) == len(records) == 6 and max(waited) > 1, waited
 
     # The same command again, the fault gone: only the failed trial is scheduled, and it finishes.
     again, _ = finetuning.run_fanout(settings(export, results), plan())
@@ -179,3 +179,62 @@ def test_exported_weights_load_adapted_and_nothing_else_loads(tmp_path):
     with pytest.raises(WeightsError, match="not a safetensors file"):
         load_exported_weights(model, bad)
     assert not os.path.exists(tmp_path / "ran")
+
+
+def test_the_queue_starts_longest_first_and_a_final_as_soon_as_its_sweep_ends(monkeypatch):
+    """_TrialQueue alone (records in a dict in place of result.json on S3): the longest trials
+    first; a dataset's final, with the LR its held-out accuracies pick, ahead of shorter trials
+    still queued as soon as its last sweep trial ends, finished or failed; none for a dataset
+    whose sweep all failed; "finished" only when nothing running can add a final."""
+    written: dict[str, dict] = {}
+    monkeypatch.setattr(finetuning, "read_result", lambda config: written.get(config.trial))
+    trials = finetuning.plan_trials(["CIFAR10", "Oxford-IIIT Pets", "VTAB/DTD"], steps_scale=0.02,
+                                    steps={"CIFAR10": 300, "Oxford-IIIT Pets": 100})
+    fanout = finetuning.FanoutSettings(run="r", model="ViT-Mu/4", weights="s3://runs/r/weights/model.safetensors",
+                                       weights_sha256="0" * 64, data_root="s3://data/d", results="s3://runs/r/finetune")
+    configs = {t.name: finetuning.trial_config(t, fanout) for t in trials if t.lr is not None}
+    # A run before this one finished Pets' 0.001 sweep trial.
+    records = {"Oxford-IIIT Pets/sweep-lr0.001": {"dataset": "Oxford-IIIT Pets", "stage": "sweep", "lr": 0.001,
+                                                  "accuracy": 0.2, "status": "done"}}
+    written.update(records)
+    lines = []
+    queue = finetuning._TrialQueue(configs, records, [t for t in trials if t.lr is None], settings=fanout,
+                                   classes={}, log=lines.append)
+    assert queue.size == 4 + 3 + 1 + 2  # the sweeps not run, DTD, a final per swept dataset
+
+    def ends(name, accuracy=None):
+        if accuracy is not None:
+            config = queue.configs[name]
+            written[name] = {"dataset": config.dataset, "stage": config.stage, "lr": config.base_lr,
+                             "accuracy": accuracy, "status": "done"}
+        queue.ended_trial(name)
+
+    started = [queue.next().trial for _ in range(3)]
+    assert started == ["CIFAR10/sweep-lr0.001", "CIFAR10/sweep-lr0.003", "CIFAR10/sweep-lr0.01"]
+    assert queue.next().trial == "CIFAR10/sweep-lr0.03"
+    for name, accuracy in zip(started, (0.5, 0.9, 0.9)):
+        ends(name, accuracy)
+    assert queue.next().trial == "Oxford-IIIT Pets/sweep-lr0.003"  # CIFAR10's 0.03 still training
+    ends("CIFAR10/sweep-lr0.03")  # failed: no result.json
+    # CIFAR10's final (300 steps) comes before the 100-step Pets trials and DTD's 50 steps; the
+    # tie at 0.9 goes to the smaller LR.
+    assert queue.next().trial == "CIFAR10/final-lr0.003"
+    assert lines == ["CIFAR10: LR 0.003 picked on held-out data (lr 0.001: 0.5000, lr 0.003: 0.9000, lr 0.01: 0.9000)"]
+    assert [queue.next().trial for _ in range(3)] == ["Oxford-IIIT Pets/sweep-lr0.01", "Oxford-IIIT Pets/sweep-lr0.03",
+                                                      "VTAB/DTD/final-lr0.01"]
+    assert queue.next() is None  # Pets' sweep may still add its final
+    for name in ("Oxford-IIIT Pets/sweep-lr0.003", "Oxford-IIIT Pets/sweep-lr0.01"):
+        ends(name, 0.1)
+    assert queue.next() is None
+    ends("Oxford-IIIT Pets/sweep-lr0.03", 0.7)
+    assert queue.next().trial == "Oxford-IIIT Pets/final-lr0.03" and queue.queued == 2
+    assert queue.next() == "finished"
+
+    # A dataset whose every sweep trial failed gets no final.
+    written.clear()
+    queue = finetuning._TrialQueue({n: c for n, c in configs.items() if n.startswith("CIFAR10/sweep")}, {},
+                                   [t for t in trials if t.lr is None and t.dataset == "CIFAR10"], settings=fanout,
+                                   classes={}, log=lines.append)
+    for _ in range(4):
+        queue.ended_trial(queue.next().trial)
+    assert queue.next() == "finished" and not any(n.startswith("CIFAR10/final") for n in queue.configs)
