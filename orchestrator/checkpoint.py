@@ -9,10 +9,17 @@
 Layout under the checkpoint URL:
 
     step-00000010/<DeepSpeed's files>            each uploaded by the rank that wrote it
-    step-00000010/ranks/rank-00001.json          a rank's report: its files (name, size, sha256),
+    step-00000010/ranks/<attempt>/rank-00001.json
+                                                 a rank's report: its files (name, size, sha256),
                                                  its data-loader state and RNG state
     step-00000010/manifest.json                  the commit: written last, by rank 0, once
-                                                 every rank reported success
+                                                 every rank of its attempt reported success
+
+An attempt is one worker group's life: the managers of its ranks take rank 0's random id at
+their first collective (`restore`, or the first `save`), and rank 0 counts only the reports
+of its own attempt. A step that an earlier attempt started (a crash, a resize: 4 workers then
+2) keeps that attempt's reports beside, never counted: not its old hashes and data positions,
+not its failure, not its extra ranks.
 
 A checkpoint exists only when its manifest exists and every file it lists is there with the
 stated size and, once downloaded, the stated sha256. DeepSpeed's own `latest` file is never
@@ -59,6 +66,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -98,6 +106,7 @@ class FileEntry(BaseModel):
 class RankReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rank: int
+    attempt: str | None = None  # None in manifests written before attempts existed
     ok: bool
     error: str | None = None
     files: list[FileEntry] = []
@@ -497,6 +506,18 @@ class CheckpointManager:
         self.last_stall_seconds = 0.0
         self.upload_seconds = 0.0
         self.uploaded_bytes = 0
+        self._attempt: str | None = None  # rank 0's id for this worker group (`attempt`)
+
+    @property
+    def attempt(self) -> str:
+        """This worker group's attempt id: rank 0's, broadcast at the first call (a collective:
+        `restore` and `save` make it, where every rank calls them)."""
+        if self._attempt is None:
+            box = [uuid.uuid4().hex[:16] if self.rank == 0 else None]
+            if _distributed():
+                torch.distributed.broadcast_object_list(box, src=0)
+            self._attempt = box[0]
+        return self._attempt
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -510,6 +531,7 @@ class CheckpointManager:
                     f"{self.failures_in_a_row} checkpoint saves failed in a row (budget {self.failure_budget}); "
                     f"last error: {self.last_error}"
                 )
+        attempt = self.attempt  # before the thread: it may be a collective
         tag = step_name(step)
         local = os.path.join(self.staging_dir, tag)
         shutil.rmtree(local, ignore_errors=True)
@@ -523,7 +545,7 @@ class CheckpointManager:
         finally:
             files.capture = False
         snapshots, files.pending = files.pending, []
-        report = RankReport(rank=self.rank, ok=True, loader_state=loader_state, rng=capture_rng())
+        report = RankReport(rank=self.rank, attempt=attempt, ok=True, loader_state=loader_state, rng=capture_rng())
         self._thread = threading.Thread(
             target=self._upload_and_commit, args=(step, local, report, config, files, snapshots),
             name=f"checkpoint-{tag}", daemon=True,
@@ -561,9 +583,10 @@ class CheckpointManager:
                 digest = self._upload_with_retries(path, join_location(step_url, name))
                 report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
         except Exception as error:  # whatever it is: reported to the other ranks, counted, named
-            report = RankReport(rank=self.rank, ok=False, error=_failure(error))
+            report = RankReport(rank=self.rank, attempt=report.attempt, ok=False, error=_failure(error))
         try:
-            write_bytes(join_location(step_url, f"ranks/rank-{self.rank:05d}.json"), report.model_dump_json().encode(), self.factory)
+            write_bytes(join_location(step_url, f"ranks/{report.attempt}/rank-{self.rank:05d}.json"),
+                        report.model_dump_json().encode(), self.factory)
             if not report.ok:
                 raise DataSourceError(report.error)
             if self.rank == 0:
@@ -623,20 +646,22 @@ class CheckpointManager:
         raise AssertionError("unreachable")
 
     def _commit(self, step: int, step_url: str, config: dict[str, Any]) -> None:
-        """Rank 0: wait for every rank's report, then write the manifest last."""
-        reports_url = join_location(step_url, "ranks")
+        """Rank 0: wait for every rank's report of this attempt, then write the manifest last."""
+        reports_url = join_location(step_url, f"ranks/{self.attempt}")
+        wanted = {f"rank-{r:05d}.json" for r in range(self.world_size)}
         deadline = time.monotonic() + self.commit_timeout
         while True:
-            names = [n for n in list_prefix(reports_url, self.factory) if n.endswith(".json")]
-            if len(names) >= self.world_size:
+            names = sorted(wanted & set(list_prefix(reports_url, self.factory)))
+            if len(names) == self.world_size:
                 break
             if time.monotonic() > deadline:
                 raise CheckpointError(f"only {len(names)} of {self.world_size} ranks reported step {step} in time")
             time.sleep(0.2)
-        reports = sorted(
-            (RankReport.model_validate_json(read_bytes(join_location(reports_url, n), self.factory)) for n in names),
-            key=lambda r: r.rank,
-        )
+        reports = [RankReport.model_validate_json(read_bytes(join_location(reports_url, n), self.factory)) for n in names]
+        strays = [r for r, n in zip(reports, names) if r.attempt != self.attempt or f"rank-{r.rank:05d}.json" != n]
+        if strays:
+            raise CheckpointError(f"step {step}: the report of rank {strays[0].rank} under this attempt "
+                                  f"({self.attempt}) names attempt {strays[0].attempt}")
         failed = [r for r in reports if not r.ok]
         if failed:
             raise CheckpointError(f"rank {failed[0].rank} could not upload step {step}: {failed[0].error}")
@@ -689,6 +714,7 @@ class CheckpointManager:
         background thread meanwhile (`_start_release`; `wait` joins it).
         """
         self.wait()
+        _ = self.attempt  # agreed here, where every rank is, before any save
         candidates = self._agree(sorted(self.committed_steps(), reverse=True))
         for step in candidates:
             manifest = self.read_manifest(step)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data_pipelines.s3 import parse_s3_url
+from data_pipelines.storage import read_bytes
 from data_pipelines.transfer import list_prefix
 from tests.conftest import free_port
 
@@ -179,6 +180,33 @@ def test_a_different_world_size_verifies_every_ranks_files_then_converts(s3_serv
                         "--steps", 4)
     assert "checkpoint step 4 is unusable" in outputs[0] and "sha256" in outputs[0]
     assert "resumed from step 2 (converted from 2 workers to 1)" in outputs[0]
+
+
+def test_reports_an_earlier_attempt_left_at_a_step_are_never_counted(s3_server, run_url, tmp_path):
+    """A step that an earlier worker group started and did not commit keeps that attempt's rank
+    reports: here two ranks', rank 1's a failure. One rank, resuming from step 2 (converted from
+    two workers), saves that step again: its commit counts only its own attempt's report (it
+    counted both: the old failure failed it, and a manifest of two ranks would have failed every
+    later restore), and the next start resumes from it."""
+    factory = s3_server.client_factory()
+    run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
+              "--steps", 4, "--save-at", "2,4", "--break-upload", "4:1")
+    found = list_prefix(run_url, factory)
+    assert "step-00000004/manifest.json" not in found
+    assert len([k for k in found if re.fullmatch(r"step-00000004/ranks/(\w+/)?rank-0000[01]\.json", k)]) == 2, found
+
+    outputs = run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "b", "--dumps", tmp_path / "d",
+                        "--steps", 4, "--save-at", "4")
+    assert "resumed from step 2 (converted from 2 workers to 1)" in outputs[0]
+    assert "checkpoint step 4 committed" in outputs[0] and "failed" not in outputs[0], outputs[0][-3000:]
+    manifest = json.loads(read_bytes(f"{run_url}/step-00000004/manifest.json", factory))
+    assert manifest["world_size"] == 1 and [r["rank"] for r in manifest["ranks"]] == [0]
+    attempt = manifest["ranks"][0]["attempt"]
+    assert f"step-00000004/ranks/{attempt}/rank-00000.json" in list_prefix(run_url, factory)
+
+    outputs = run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "c", "--dumps", tmp_path / "d",
+                        "--steps", 4)
+    assert re.search(r"^resumed from step 4$", outputs[0], re.M), outputs[0][-3000:]  # no conversion: one rank wrote it
 
 
 def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, tmp_path):
