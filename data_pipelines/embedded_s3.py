@@ -104,6 +104,9 @@ class EmbeddedS3:
         self.grace_seconds = grace_seconds
         self.access_key_id = "vitscale" + secrets.token_hex(4)
         self.secret_access_key = secrets.token_hex(20)
+        # A second identity that may read and list but not write (tests of refused writes).
+        self.reader_access_key_id = "reader" + secrets.token_hex(4)
+        self.reader_secret_access_key = secrets.token_hex(20)
         self.endpoint_url: str | None = None
         self.log_path = os.path.join(self.data_dir, "weed.log")
         self._process: subprocess.Popen | None = None
@@ -119,6 +122,10 @@ class EmbeddedS3:
             "name": "vitscale",
             "credentials": [{"accessKey": self.access_key_id, "secretKey": self.secret_access_key}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }, {
+            "name": "reader",
+            "credentials": [{"accessKey": self.reader_access_key_id, "secretKey": self.reader_secret_access_key}],
+            "actions": ["Read", "List"],
         }]}
         os.makedirs(self.data_dir, exist_ok=True)  # a retry comes after stop() removed it
         config_path = os.path.join(self.data_dir, "s3-identities.json")
@@ -224,6 +231,13 @@ class EmbeddedS3:
         return S3ClientFactory(
             endpoint_url=self.endpoint_url, region="us-east-1",
             access_key_id=self.access_key_id, secret_access_key=self.secret_access_key,
+        )
+
+    def reader_factory(self) -> S3ClientFactory:
+        """A client factory with the identity that may read and list, not write."""
+        return S3ClientFactory(
+            endpoint_url=self.endpoint_url, region="us-east-1",
+            access_key_id=self.reader_access_key_id, secret_access_key=self.reader_secret_access_key,
         )
 
     def environment(self) -> dict[str, str]:

@@ -5,8 +5,8 @@
 `check_readable` lists the location once and compares it with the manifest: a missing
 bucket, wrong credentials, an empty prefix, a missing shard or a shard whose size differs
 from the manifest (truncated or rewritten) each raise `DataSourceError` with one line that
-names the URL and never a secret. `check_writable` does the same for an output location
-(the bucket answers, or the folder can be created).
+names the URL and never a secret. `check_writable` does the same for an output location: a
+real write and delete of a small probe there.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import uuid
 
 from data_pipelines.manifest import Manifest, load_shard_list
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, join_location, parse_s3_url, s3_errors
+from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, error_code, is_s3_url, join_location, parse_s3_url, s3_errors
 from data_pipelines.storage import list_names, read_bytes
 
 
@@ -38,20 +39,32 @@ def check_readable(source: str, factory: S3ClientFactory | None = None, *, verif
 
 
 def check_writable(destination: str, factory: S3ClientFactory | None = None) -> None:
-    """Raise `DataSourceError` unless the bucket exists and answers, or the folder can be created."""
+    """Raise `DataSourceError` unless a real write and delete under `destination` succeed: a
+    small probe object (or file) is written and deleted, so a bucket that exists but refuses
+    writes (a policy, read-only credentials) is found before the run, not at its first commit."""
+    probe = f".vitscale-write-check-{uuid.uuid4().hex[:12]}"
     if is_s3_url(destination):
-        location = parse_s3_url(destination)
+        location = parse_s3_url(join_location(destination, probe))
+        client = (factory or S3ClientFactory()).client()
         try:
-            (factory or S3ClientFactory()).client().head_bucket(Bucket=location.bucket)
+            client.put_object(Bucket=location.bucket, Key=location.prefix, Body=b"")
         except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, f"s3://{location.bucket}")) from None
+            raise DataSourceError(f"{describe_client_error(error, destination)} (a test write was refused)",
+                                  code=error_code(error)) from None
+        try:
+            client.delete_object(Bucket=location.bucket, Key=location.prefix)
+        except s3_errors() as error:
+            raise DataSourceError(f"{describe_client_error(error, destination)} (a test delete was refused: "
+                                  f"retention deletes old checkpoints)", code=error_code(error)) from None
         return
     try:
         os.makedirs(destination, exist_ok=True)
+        path = os.path.join(destination, probe)
+        with open(path, "wb"):
+            pass
+        os.remove(path)
     except OSError as error:
-        raise DataSourceError(f"{destination}: {error.strerror}") from None
-    if not os.access(destination, os.W_OK):
-        raise DataSourceError(f"{destination}: not writable")
+        raise DataSourceError(f"{destination}: {error.strerror} (a test write and delete)") from None
 
 
 if __name__ == "__main__":

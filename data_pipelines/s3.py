@@ -20,7 +20,28 @@ DEFAULT_MAX_ATTEMPTS = 5
 
 
 class DataSourceError(Exception):
-    """The data location cannot be used: one line that says what and where, never a secret."""
+    """The data location cannot be used: one line that says what and where, never a secret.
+    `permanent`: S3 said no in a way that asking again will not change (access denied, no such
+    bucket, unknown credentials), as opposed to a slow or failing server."""
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.permanent = code in PERMANENT_CODES
+
+
+# S3 error codes that retrying cannot cure: credentials revoked or wrong, a policy that refuses,
+# a bucket that is gone. botocore's retry modes do not retry them either.
+PERMANENT_CODES = frozenset({
+    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+    "AllAccessDisabled", "AccountProblem", "NoCredentialsError", "InvalidBucketName",
+})
+# How long a client waits to connect and for each read before it counts the try as failed (and
+# the retry mode tries again); botocore's own defaults are 60 s each. A stalled server is
+# noticed in seconds, not minutes; a slow one still has time. VITSCALE_S3_CONNECT_TIMEOUT and
+# VITSCALE_S3_READ_TIMEOUT (seconds) set others.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +93,8 @@ class S3ClientFactory:
     access_key_id: str | None = None
     secret_access_key: str | None = dataclasses.field(default=None, repr=False)
     max_pool_connections: int = 32
+    connect_timeout: float | None = None  # None: VITSCALE_S3_CONNECT_TIMEOUT, else CONNECT_TIMEOUT
+    read_timeout: float | None = None  # None: VITSCALE_S3_READ_TIMEOUT, else READ_TIMEOUT
 
     def client(self):
         cache, key = _process_clients(), self._key()
@@ -119,6 +142,8 @@ class S3ClientFactory:
                 "max_attempts": int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS),
             },
             max_pool_connections=self.max_pool_connections,
+            connect_timeout=_seconds(self.connect_timeout, "VITSCALE_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+            read_timeout=_seconds(self.read_timeout, "VITSCALE_S3_READ_TIMEOUT", READ_TIMEOUT),
             region_name=None if session.region_name else "us-east-1",
             # Path-style addressing works with every S3-compatible server behind a custom endpoint.
             s3={"addressing_style": "path"} if self.endpoint_url or core.get_config_variable("endpoint_url") else None,
@@ -133,6 +158,19 @@ class S3ClientFactory:
             if _set_by_user(core, "response_checksum_validation") else "when_required",
         )
         return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+
+
+def _seconds(given: float | None, variable: str, default: float) -> float:
+    if given is not None:
+        return given
+    value = os.environ.get(variable)
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        raise DataSourceError(f"{variable}={value!r}: not a number of seconds") from None
+    if not seconds > 0:
+        raise DataSourceError(f"{variable}={value!r}: must be > 0 seconds")
+    return seconds
 
 
 def _set_by_user(core, name: str) -> bool:
@@ -150,6 +188,7 @@ BOTO3_ENVIRONMENT = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
+    "VITSCALE_S3_CONNECT_TIMEOUT", "VITSCALE_S3_READ_TIMEOUT",
 )
 _clients_lock = threading.Lock()
 _clients: dict[int, dict[tuple, object]] = {}  # pid -> clients made in that process, by S3ClientFactory._key
@@ -183,10 +222,19 @@ def s3_errors() -> tuple[type[BaseException], ...]:
     return (ClientError, BotoCoreError, S3UploadFailedError)
 
 
+def client_error(error: Exception, url: str) -> DataSourceError:
+    """The DataSourceError for a botocore error on `url`: its one line, and its code."""
+    return DataSourceError(describe_client_error(error, url), code=error_code(error))
+
+
+def error_code(error: Exception) -> str:
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "")) or type(error).__name__
+
+
 def describe_client_error(error: Exception, url: str) -> str:
     """One line for a botocore error on `url`: the code and what it usually means, no secrets."""
-    response = getattr(error, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", "")) or type(error).__name__
+    code = error_code(error)
     meaning = {
         "NoSuchBucket": "the bucket does not exist",
         "404": "not found (missing bucket or object)",

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator
 
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from data_pipelines.preflight import check_writable
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, join_location, parse_s3_url
+from data_pipelines.s3 import DataSourceError, S3ClientFactory, client_error, is_s3_url, join_location, parse_s3_url
 from data_pipelines.storage import write_bytes
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class _ShardSink:
         try:
             self.factory.client().upload_fileobj(io.BytesIO(data), location.bucket, location.prefix, Config=config)
         except (BotoCoreError, ClientError) as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
+            raise client_error(error, url) from None
         except S3UploadFailedError as error:  # wraps the ClientError's own one-line text
             raise DataSourceError(f"{url}: upload failed: {error}") from None
 

@@ -13,10 +13,11 @@ import sys
 from typing import BinaryIO
 
 from data_pipelines.s3 import (
-    DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
+    DataSourceError, S3ClientFactory, client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
 )
 
 READ_BUFFER_BYTES = 1 << 20
+BODY_ATTEMPTS = 3  # read_bytes: tries of an object whose connection broke mid-body
 
 
 def list_names(url: str, factory: S3ClientFactory | None = None) -> list[tuple[str, int]]:
@@ -25,19 +26,29 @@ def list_names(url: str, factory: S3ClientFactory | None = None) -> list[tuple[s
         try:
             return list_objects(factory or S3ClientFactory(), parse_s3_url(url))
         except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
+            raise client_error(error, url) from None
     if not os.path.isdir(url):
         raise DataSourceError(f"{url}: no such folder")
     return sorted((n, os.path.getsize(os.path.join(url, n))) for n in os.listdir(url) if os.path.isfile(os.path.join(url, n)))
 
 
 def read_bytes(url: str, factory: S3ClientFactory | None = None) -> bytes:
+    """The object's or file's bytes. An S3 read whose connection breaks after the response
+    began (botocore retries only until it begins) is asked again, BODY_ATTEMPTS times in all."""
     if is_s3_url(url):
+        import http.client
+
+        from botocore.exceptions import ClientError
+
         location = parse_s3_url(url)
-        try:
-            return (factory or S3ClientFactory()).client().get_object(Bucket=location.bucket, Key=location.prefix)["Body"].read()
-        except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            try:
+                return (factory or S3ClientFactory()).client().get_object(Bucket=location.bucket, Key=location.prefix)["Body"].read()
+            except ClientError as error:  # an answer: botocore retried what is worth retrying
+                raise client_error(error, url) from None
+            except (*s3_errors(), http.client.HTTPException, OSError) as error:  # broken mid-body
+                if attempt == BODY_ATTEMPTS:
+                    raise client_error(error, url) from None
     try:
         with open(url, "rb") as f:
             return f.read()
@@ -51,7 +62,7 @@ def write_bytes(url: str, data: bytes, factory: S3ClientFactory | None = None) -
         try:
             (factory or S3ClientFactory()).client().put_object(Bucket=location.bucket, Key=location.prefix, Body=data)
         except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
+            raise client_error(error, url) from None
         return
     os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
     temporary = url + ".partial"
@@ -84,7 +95,7 @@ def open_stream(url: str, factory: S3ClientFactory | None = None) -> BinaryIO:
         try:
             body = (factory or S3ClientFactory()).client().get_object(Bucket=location.bucket, Key=location.prefix)["Body"]
         except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
+            raise client_error(error, url) from None
         return io.BufferedReader(_BodyReader(body), buffer_size=READ_BUFFER_BYTES)
     try:
         return open(url, "rb", buffering=READ_BUFFER_BYTES)

@@ -36,7 +36,7 @@ import shutil
 import threading
 
 from data_pipelines.s3 import (
-    DataSourceError, S3ClientFactory, describe_client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
+    DataSourceError, S3ClientFactory, client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
 )
 
 CHUNK_BYTES = 8 << 20
@@ -67,7 +67,7 @@ def upload_file(path: str, url: str, factory: S3ClientFactory | None = None) -> 
                 client = (factory or S3ClientFactory()).client()
                 client.upload_file(path, location.bucket, location.prefix, Config=transfer_config())
             except s3_errors() as error:
-                raise DataSourceError(describe_client_error(error, url)) from None
+                raise client_error(error, url) from None
         else:
             os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
             shutil.copyfile(path, url + ".partial")
@@ -85,7 +85,7 @@ def download_file(url: str, path: str, factory: S3ClientFactory | None = None) -
             client = (factory or S3ClientFactory()).client()
             client.download_file(location.bucket, location.prefix, partial, Config=transfer_config())
         except s3_errors() as error:
-            raise DataSourceError(describe_client_error(error, url)) from None
+            raise client_error(error, url) from None
     else:
         try:
             shutil.copyfile(url, partial)
@@ -249,9 +249,9 @@ def upload_images(uploads: list[tuple[MemoryImage, str]], factory: S3ClientFacto
                         try:
                             transfer.result()
                         except s3_errors() as error:
-                            raise DataSourceError(describe_client_error(error, url)) from None
+                            raise client_error(error, url) from None
             except s3_errors() as error:  # before any transfer started: the client itself
-                raise DataSourceError(describe_client_error(error, remote[0][2])) from None
+                raise client_error(error, remote[0][2]) from None
         for image, url in uploads:
             if not is_s3_url(url):
                 _write_image(image, url)
@@ -344,7 +344,7 @@ def download_hashed(url: str, path: str, factory: S3ClientFactory | None = None)
                     client = (factory or S3ClientFactory()).client()
                     client.download_fileobj(location.bucket, location.prefix, tracked, Config=transfer_config())
                 except s3_errors() as error:
-                    raise DataSourceError(describe_client_error(error, url)) from None
+                    raise client_error(error, url) from None
             else:
                 try:
                     with open(url, "rb", buffering=0) as source:
@@ -548,7 +548,7 @@ def _download_part(client, bucket: str, key: str, fd: int, start: int, length: i
 
 def _download_error(error: BaseException, url: str) -> DataSourceError:
     if isinstance(error, s3_errors()):
-        return DataSourceError(describe_client_error(error, url))
+        return client_error(error, url)
     return DataSourceError(f"{url}: {error}")
 
 
@@ -665,7 +665,7 @@ def delete_file(url: str, factory: S3ClientFactory | None = None) -> None:
     try:
         (factory or S3ClientFactory()).client().delete_object(Bucket=location.bucket, Key=location.prefix)
     except s3_errors() as error:
-        raise DataSourceError(describe_client_error(error, url)) from None
+        raise client_error(error, url) from None
 
 
 def delete_prefix(url: str, factory: S3ClientFactory | None = None) -> int:
@@ -685,7 +685,7 @@ def delete_prefix(url: str, factory: S3ClientFactory | None = None) -> int:
                 client.delete_objects(Bucket=location.bucket, Delete={"Objects": keys, "Quiet": True})
                 count += len(keys)
     except s3_errors() as error:
-        raise DataSourceError(describe_client_error(error, url)) from None
+        raise client_error(error, url) from None
     return count
 
 
@@ -703,7 +703,7 @@ def abort_multipart_uploads(url: str, factory: S3ClientFactory | None = None) ->
                 client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 count += 1
     except s3_errors() as error:
-        raise DataSourceError(describe_client_error(error, url)) from None
+        raise client_error(error, url) from None
     return count
 
 
@@ -719,4 +719,4 @@ def list_prefix(url: str, factory: S3ClientFactory | None = None) -> dict[str, i
     try:
         return dict(list_objects(factory or S3ClientFactory(), parse_s3_url(url)))
     except s3_errors() as error:
-        raise DataSourceError(describe_client_error(error, url)) from None
+        raise client_error(error, url) from None

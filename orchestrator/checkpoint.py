@@ -456,7 +456,9 @@ class CheckpointManager:
         staging_dir: fast local disk; each rank uses its own sub-folder.
         keep_last: committed checkpoints kept, newest first; `keep_every` (steps): also keep
             every checkpoint whose step is a multiple of it (0: none).
-        failure_budget: failed saves in a row tolerated before `save` raises CheckpointError.
+        failure_budget: failed saves in a row tolerated before `save` raises CheckpointError. A
+            refusal that retrying cannot cure (access denied, no such bucket: DataSourceError's
+            `permanent`) is not retried and makes the next `save` raise at once.
         commit_timeout: how long rank 0 waits for the other ranks' reports.
         upload_attempts: tries per file before the save counts as failed (each try itself
             retries requests per boto3's retry mode).
@@ -500,6 +502,7 @@ class CheckpointManager:
         self.failures_in_a_row = 0
         self.failures_total = 0
         self.last_error: str | None = None
+        self.refused: str | None = None  # a permanent refusal (DataSourceError.permanent): the next save raises
         self.last_committed_step: int | None = None
         self.commits: list[tuple[int, float]] = []  # rank 0: (step, wall time) of each commit, in order
         self.stall_seconds = 0.0  # training time spent inside save(): local save + waiting
@@ -526,6 +529,9 @@ class CheckpointManager:
         started = time.perf_counter()
         self.wait()
         with self._lock:
+            if self.refused is not None:
+                raise CheckpointError(f"the checkpoint location refuses this run: {self.refused}; retrying cannot help "
+                                      f"(check the credentials, the bucket and its policy)")
             if self.failures_in_a_row > self.failure_budget:
                 raise CheckpointError(
                     f"{self.failures_in_a_row} checkpoint saves failed in a row (budget {self.failure_budget}); "
@@ -584,6 +590,9 @@ class CheckpointManager:
                 report.files.append(FileEntry(name=name, size=os.path.getsize(path), sha256=digest, rank=self.rank))
         except Exception as error:  # whatever it is: reported to the other ranks, counted, named
             report = RankReport(rank=self.rank, attempt=report.attempt, ok=False, error=_failure(error))
+            refused = _failure(error) if getattr(error, "permanent", False) else None
+        else:
+            refused = None
         try:
             write_bytes(join_location(step_url, f"ranks/{report.attempt}/rank-{self.rank:05d}.json"),
                         report.model_dump_json().encode(), self.factory)
@@ -596,6 +605,7 @@ class CheckpointManager:
                 self.failures_in_a_row += 1
                 self.failures_total += 1
                 self.last_error = _failure(error)
+                self.refused = refused or (self.last_error if getattr(error, "permanent", False) else None)
             self.log(f"checkpoint step {step} failed on rank {self.rank}: {self.last_error}")
             return
         finally:
@@ -639,8 +649,8 @@ class CheckpointManager:
         for attempt in range(1, self.upload_attempts + 1):
             try:
                 return attempt_once()
-            except DataSourceError:
-                if attempt == self.upload_attempts:
+            except DataSourceError as error:
+                if error.permanent or attempt == self.upload_attempts:  # a refusal: asking again will not help
                     raise
                 time.sleep(min(30.0, 0.5 * 2**attempt))
         raise AssertionError("unreachable")

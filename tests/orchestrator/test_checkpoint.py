@@ -15,15 +15,16 @@ from data_pipelines.s3 import parse_s3_url
 from data_pipelines.storage import read_bytes
 from data_pipelines.transfer import list_prefix
 from tests.conftest import free_port
+from tests.faultproxy import FaultProxy
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_worker.py")
 
 
-def start_ranks(s3_server, world, *args):
+def start_ranks(s3_server, world, *args, environment=None):
     port = free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, **s3_server.environment(), RANK=str(rank), LOCAL_RANK=str(rank),
+        env = dict(os.environ, **(s3_server.environment() | (environment or {})), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -209,15 +210,40 @@ def test_reports_an_earlier_attempt_left_at_a_step_are_never_counted(s3_server, 
     assert re.search(r"^resumed from step 4$", outputs[0], re.M), outputs[0][-3000:]  # no conversion: one rank wrote it
 
 
-def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, tmp_path):
-    missing_bucket = "s3://no-such-bucket-vitscale/run"
-    codes, outputs = finish(start_ranks(s3_server, 1, "--url", missing_bucket, "--staging", tmp_path / "a",
-                                        "--dumps", tmp_path / "d", "--steps", 5, "--save-at", "1,2,3,4,5",
-                                        "--failure-budget", 2, "--fresh"))
+def test_a_refused_upload_is_not_retried_and_the_next_save_stops_the_run(s3_server, run_url, tmp_path):
+    """Credentials revoked mid-run, over real HTTP: from step 2 on, a proxy in front of the S3
+    server answers 403 AccessDenied to everything under the run's steps. Each request of step
+    2 is made once (not retried as if the server were busy), and the next save stops the run
+    at once, not after the failure budget (here 3) of saves that cannot succeed."""
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add(None, r"/step-0000000[2-9]/", "403")
+        codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "a", "--dumps",
+                                            tmp_path / "d", "--steps", 6, "--save-at", "1,2,3,4,5,6", "--failure-budget", 3,
+                                            "--fresh", environment={"AWS_ENDPOINT_URL": proxy.endpoint_url}))
+    out = outputs[0]
+    assert codes == [3], out[-3000:]
+    assert "checkpoint step 1 committed" in out
+    assert re.search(r"checkpoint step 2 failed on rank 0: .*AccessDenied: access denied", out), out[-3000:]
+    assert "CheckpointError: the checkpoint location refuses this run" in out and "checkpoint step 3 failed" not in out
+    refused = [path for _, path, fault in proxy.served if fault == "403"]
+    assert refused and len(refused) == len(set(refused)), refused  # each asked once
+    assert s3_server.secret_access_key not in out
+
+
+def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, run_url, tmp_path):
+    """A server that answers every write under the steps with 503 SlowDown (a busy S3, for real
+    over HTTP; botocore asked once per request here): the failures are counted, the run goes on
+    until the budget is spent, then stops with one line."""
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add(None, r"/step-\d{8}/", "503")
+        codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "a",
+                                            "--dumps", tmp_path / "d", "--steps", 5, "--save-at", "1,2,3,4,5",
+                                            "--failure-budget", 2, "--fresh",
+                                            environment={"AWS_ENDPOINT_URL": proxy.endpoint_url, "AWS_MAX_ATTEMPTS": "1"}))
     assert codes == [3], outputs[0][-3000:]
-    assert "checkpoint step 1 failed on rank 0" in outputs[0]
+    assert "checkpoint step 1 failed on rank 0" in outputs[0] and "checkpoint step 3 failed on rank 0" in outputs[0]
     assert "3 checkpoint saves failed in a row (budget 2)" in outputs[0]
-    assert "NoSuchBucket" in outputs[0]
+    assert "SlowDown" in outputs[0] and proxy.count("503") >= 3 * 3  # each save's upload tried 3 times
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset") not in outputs[0]
     assert s3_server.secret_access_key not in outputs[0]
 
