@@ -89,6 +89,8 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 # loopback store bound by the server, more files at once were slower, not faster. (Uploads and
 # memory downloads share one window of parts over all of a checkpoint's files instead.)
 DOWNLOADS_AT_ONCE = 1
+# What a staging disk keeps free beyond a write's own size (file system overhead, logs).
+ROOM_MARGIN = 4 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -737,6 +739,8 @@ class CheckpointManager:
             try:
                 problem = self._download_verified(manifest)
                 problems = self._gather_problems(problem)
+                if full := [p for p in problems if p.startswith(_NO_ROOM)]:  # not the checkpoint's fault
+                    raise CheckpointError(full[0][len(_NO_ROOM):])
                 if problems:
                     self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
                     continue
@@ -785,10 +789,15 @@ class CheckpointManager:
                                f"resize-{run}-{step_name(manifest.step)}-rank-{leader:05d}")
         local = os.path.join(scratch, step_name(manifest.step))
         problem = None
+        if self.rank == leader:  # the download, then DeepSpeed's universal conversion beside it
+            shutil.rmtree(local, ignore_errors=True)  # an earlier try's, if any
+            problem = room_problem(scratch, 2 * sum(e.size for e in manifest.files),
+                                   f"converting step {manifest.step} from {manifest.world_size} workers")
+        if full := self._gather_problems(problem):  # every rank stops, not only the leader
+            raise CheckpointError(full[0])
         if self.rank == leader:
             self.log(f"checkpoint step {manifest.step} was written by {manifest.world_size} workers: rank {leader} "
                      f"downloads all of it and converts it for ranks {', '.join(map(str, here))} on this machine")
-            shutil.rmtree(local, ignore_errors=True)
             problem = self._download_to_staging(join_location(self.url, step_name(manifest.step)), local, manifest.files)
         problems = self._gather_problems(problem)
         if problems:
@@ -826,6 +835,11 @@ class CheckpointManager:
                 return self._download_to_memory(step_url, local, wanted)
             self.log(f"restoring step {manifest.step} through staging files: its {size:,} bytes "
                      f"for rank {self.rank} would take more than half the memory left")
+        # The ranks of a machine share its staging disk: room for each of them (about the same size).
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        if room := room_problem(local, ranks_here * sum(e.size for e in wanted),
+                                f"restoring step {manifest.step} through staging files ({ranks_here} ranks here)"):
+            return _NO_ROOM + room
         return self._download_to_staging(step_url, local, wanted)
 
     def _download_to_staging(self, step_url: str, local: str, entries: list[FileEntry]) -> str | None:
@@ -933,6 +947,26 @@ def _name_outside(local: str, entries: list[FileEntry]) -> str | None:
     return None
 
 
+_NO_ROOM = "no room: "  # a rank's restore problem that is the disk's, not the checkpoint's
+
+
+def room_problem(folder: str, needed: int, what: str) -> str | None:
+    """None when the disk of `folder` (or its nearest existing parent) has room for `needed`
+    bytes more and ROOM_MARGIN; else the one line that says what, where, and how much."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free >= needed + ROOM_MARGIN:
+        return None
+    return (f"{what} needs {_size(needed + ROOM_MARGIN)} free in {folder} ({_size(needed)} and a margin), the disk "
+            f"has {_size(free)}: point VITSCALE_STAGING_DIR at a larger disk (README: the staging folder)")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:,.1f} MiB" if count < 2**30 else f"{count / 2**30:,.2f} GiB"
+
+
 def fits_in_memory(size: int, room: int | None) -> bool:
     """Whether a restore downloads into memory: when it takes at most half of what is left
     (the engine's own buffers still grow while it loads). Unknown room: yes."""
@@ -996,6 +1030,8 @@ def export_weights(engine, url: str, *, metadata: dict[str, str] | None = None, 
     if engine.global_rank != 0:
         return None
     os.makedirs(staging_dir, exist_ok=True)
+    if room := room_problem(staging_dir, sum(t.nbytes for t in state.values()), "exporting the weights"):
+        raise CheckpointError(room)
     path = os.path.join(staging_dir, "model.safetensors")
     save_file(state, path, metadata=metadata or {})
     canonical_safetensors_header(path)

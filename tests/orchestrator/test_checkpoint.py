@@ -230,6 +230,41 @@ def test_a_refused_upload_is_not_retried_and_the_next_save_stops_the_run(s3_serv
     assert s3_server.secret_access_key not in out
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs): a staging folder on a disk too small for a restore of
+    ViT-Mu/4's ~1.8 MB steps and the 4 MiB margin."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"no tmpfs can be mounted here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_restore_that_would_fill_the_staging_disk_stops_with_one_line_and_loses_nothing(s3_server, run_url, tmp_path,
+                                                                                          small_disk):
+    """Restores through staging files (memory short) and a resize's conversion, on a real disk
+    too small for them: each stops before writing, on every rank, naming the folder and the room;
+    it neither fills the disk nor falls back to an older step (or to step 0)."""
+    run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
+              "--steps", 2, "--save-at", "2")
+    codes, outputs = finish(start_ranks(s3_server, 2, "--url", run_url, "--staging", small_disk, "--dumps",
+                                        tmp_path / "d", "--steps", 4, "--memory-room", 0))
+    assert codes[0] != 0 and codes[1] != 0
+    for out in outputs:
+        assert re.search(rf"CheckpointError: restoring step 2 through staging files \(2 ranks here\) needs "
+                         rf"[\d.]+ MiB free in {small_disk}/rank-0000\d/step-00000002 .*, the disk has [\d.]+ MiB: "
+                         rf"point VITSCALE_STAGING_DIR at a larger disk", out), out[-3000:]
+        assert "trying the previous one" not in out and "resumed" not in out
+    codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", small_disk, "--dumps",
+                                        tmp_path / "d", "--steps", 4))
+    assert codes == [1] and "CheckpointError: converting step 2 from 2 workers needs" in outputs[0], outputs[0][-3000:]
+    assert "the disk has 1.0 MiB" in outputs[0]
+    assert sum(f.stat().st_size for f in small_disk.rglob("*") if f.is_file()) == 0  # nothing written
+
+
 def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, run_url, tmp_path):
     """A server that answers every write under the steps with 503 SlowDown (a busy S3, for real
     over HTTP; botocore asked once per request here): the failures are counted, the run goes on
