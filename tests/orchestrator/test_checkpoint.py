@@ -413,3 +413,18 @@ def test_an_unexpected_upload_error_is_reported_to_every_rank_and_counted(s3_ser
     assert "checkpoint step 2 failed on rank 1: RuntimeError: injected: not a storage error" in both
     assert "checkpoint step 2 failed on rank 0: rank 1 could not upload step 2: RuntimeError: injected" in both
     assert "rank 0: failures_total=1 last_committed=3" in both and "rank 1: failures_total=1" in both
+
+
+def test_the_weights_export_checks_its_room_first(tmp_path, small_disk):
+    from types import SimpleNamespace
+
+    from model import build_model
+    from orchestrator.checkpoint import CheckpointError, export_weights
+
+    engine = SimpleNamespace(module=build_model("ViT-Mu/4", 10, image_size=32), global_rank=0)
+    digest = export_weights(engine, str(tmp_path / "out" / "model.safetensors"), staging_dir=str(tmp_path / "staging"))
+    assert len(digest) == 64 and os.path.getsize(tmp_path / "out" / "model.safetensors") > 100_000
+    with pytest.raises(CheckpointError, match=rf"exporting the weights needs [\d.]+ MiB free in {small_disk}/staging "
+                                              rf"\([\d.]+ MiB and a margin\), the disk has 1.0 MiB"):
+        export_weights(engine, str(tmp_path / "again" / "model.safetensors"), staging_dir=str(small_disk / "staging"))
+    assert not os.path.exists(tmp_path / "again")
