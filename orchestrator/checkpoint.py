@@ -97,6 +97,12 @@ class CheckpointError(RuntimeError):
     """Checkpointing cannot go on (failure budget spent, a step DeepSpeed cannot convert): one line."""
 
 
+class RefusedError(CheckpointError):
+    """Checkpointing cannot go on, and restarting the workers would not change that: the store
+    refuses (access denied, no such bucket) or the staging disk is too small. The training loop
+    tells the driver, which stops the run instead of letting Ray Train restart it (progress.py)."""
+
+
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -532,7 +538,7 @@ class CheckpointManager:
         self.wait()
         with self._lock:
             if self.refused is not None:
-                raise CheckpointError(f"the checkpoint location refuses this run: {self.refused}; retrying cannot help "
+                raise RefusedError(f"the checkpoint location refuses this run: {self.refused}; retrying cannot help "
                                       f"(check the credentials, the bucket and its policy)")
             if self.failures_in_a_row > self.failure_budget:
                 raise CheckpointError(
@@ -740,7 +746,7 @@ class CheckpointManager:
                 problem = self._download_verified(manifest)
                 problems = self._gather_problems(problem)
                 if full := [p for p in problems if p.startswith(_NO_ROOM)]:  # not the checkpoint's fault
-                    raise CheckpointError(full[0][len(_NO_ROOM):])
+                    raise RefusedError(full[0][len(_NO_ROOM):])
                 if problems:
                     self.log(f"warning: checkpoint step {step} is unusable ({problems[0]}); trying the previous one")
                     continue
@@ -794,7 +800,7 @@ class CheckpointManager:
             problem = room_problem(scratch, 2 * sum(e.size for e in manifest.files),
                                    f"converting step {manifest.step} from {manifest.world_size} workers")
         if full := self._gather_problems(problem):  # every rank stops, not only the leader
-            raise CheckpointError(full[0])
+            raise RefusedError(full[0])
         if self.rank == leader:
             self.log(f"checkpoint step {manifest.step} was written by {manifest.world_size} workers: rank {leader} "
                      f"downloads all of it and converts it for ranks {', '.join(map(str, here))} on this machine")
@@ -1031,7 +1037,7 @@ def export_weights(engine, url: str, *, metadata: dict[str, str] | None = None, 
         return None
     os.makedirs(staging_dir, exist_ok=True)
     if room := room_problem(staging_dir, sum(t.nbytes for t in state.values()), "exporting the weights"):
-        raise CheckpointError(room)
+        raise RefusedError(room)
     path = os.path.join(staging_dir, "model.safetensors")
     save_file(state, path, metadata=metadata or {})
     canonical_safetensors_header(path)

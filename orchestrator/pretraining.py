@@ -162,7 +162,8 @@ def start_driver_metrics(config: PretrainConfig, starts, log: Callable[[str], No
 
 def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = print,
                     record_dir: str | None = None, nan_loss_at: dict[int, int] | None = None,
-                    nan_grad_at: dict[int, int] | None = None, metrics_linger: float = 0.0) -> dict:
+                    nan_grad_at: dict[int, int] | None = None, metrics_linger: float = 0.0,
+                    fault: dict | None = None) -> dict:
     """Preflight, then train; returns the last metrics reported by rank 0 (or, for a run that is
     finished already, {"step", "nothing_to_train": True}, and nothing is scheduled).
 
@@ -199,7 +200,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
             trainer = build_trainer(
                 train_loop,
                 train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
-                                                nan_grad_at=nan_grad_at, metrics_linger=metrics_linger,
+                                                nan_grad_at=nan_grad_at, metrics_linger=metrics_linger, fail_at_step=fault,
                                                 starts_prefix=starts.prefix, progress=progress),
                 scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                              resources_per_worker=resources),
@@ -210,6 +211,8 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
             try:
                 result = trainer.fit()
             except (KeyboardInterrupt, SystemExit):
+                if progress.fatal:  # a worker said restarting cannot help: progress.py aborted the run
+                    raise TrainingError(f"training failed, not retried: {progress.fatal}") from None
                 # A stop signal (signals_stop_the_run), or Ctrl-C through Ray Train's own handler,
                 # which aborts the controller and then makes ray.get raise SystemExit.
                 signum = received[0] if received else signal.SIGINT

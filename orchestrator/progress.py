@@ -35,6 +35,18 @@ def report(key: str | None, row: dict[str, Any]) -> None:
         internal_kv._internal_kv_put(key, json.dumps(row).encode(), overwrite=True, namespace=NAMESPACE)
 
 
+def report_fatal(key: str | None, message: str) -> None:
+    """Any rank: the run cannot go on and restarting its workers will not change that (a
+    refusal from S3, a staging disk too small). The driver stops the run with this line instead
+    of letting Ray Train restart the group into the same wall (progress_bar)."""
+    if not key:
+        return
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_put(f"{key}/fatal", message.encode(), overwrite=False, namespace=NAMESPACE)
+
+
 def latest(key: str) -> dict[str, Any] | None:
     """The row rank 0 last reported under `key`, or None."""
     from ray.experimental import internal_kv
@@ -53,16 +65,27 @@ def describe(row: dict[str, Any]) -> dict[str, str]:
     return shown
 
 
+class Progress(str):
+    """The key the workers report under (a str, as worker_config takes it); `fatal`: the line a
+    worker reported with report_fatal, once the driver has seen it."""
+
+    fatal: str | None = None
+
+
 @contextlib.contextmanager
 def progress_bar(ray, run: str, *, total: int, initial: int = 0, interval: float = 0.5, file=None,
-                 disable: bool | None = None) -> Iterator[str]:
+                 disable: bool | None = None) -> Iterator[Progress]:
     """A tqdm bar "pretraining <run>" over the run's steps, moved by a thread that reads rank 0's
     reports; yields their key (for the workers: worker_config(progress=...)). On the way out the
-    bar takes the last report, closes, and the key is deleted."""
+    bar takes the last report, closes, and the key is deleted.
+
+    The same thread watches for a worker's report_fatal: it then sets the key's `fatal` and
+    interrupts the main thread as Ctrl-C does (Ray Train's handler aborts the run's controller
+    and workers), so that `fit` returns at once; the caller reports `fatal`, not a signal."""
     from ray.experimental import internal_kv
     from tqdm import tqdm
 
-    key = f"progress/{run}/{uuid.uuid4().hex}"
+    key = Progress(f"progress/{run}/{uuid.uuid4().hex}")
     bar = tqdm(total=total, initial=initial, desc=f"pretraining {run}", unit="step", dynamic_ncols=True, file=file,
                disable=disable)
     last: list[dict | None] = [None]
@@ -72,8 +95,15 @@ def progress_bar(ray, run: str, *, total: int, initial: int = 0, interval: float
             return
         try:
             row = latest(key)
+            fatal = None if key.fatal else internal_kv._internal_kv_get(f"{key}/fatal", namespace=NAMESPACE)
         except Exception:  # the GCS is gone (the run is ending): keep the bar as it is
             return
+        if fatal and not stop.is_set():
+            import _thread
+            import signal
+
+            key.fatal = fatal.decode(errors="replace")
+            _thread.interrupt_main(signal.SIGINT)
         if row is None or row == last[0]:
             return
         last[0] = row
@@ -98,3 +128,4 @@ def progress_bar(ray, run: str, *, total: int, initial: int = 0, interval: float
         if ray.is_initialized():
             with contextlib.suppress(Exception):
                 internal_kv._internal_kv_del(key, namespace=NAMESPACE)
+                internal_kv._internal_kv_del(f"{key}/fatal", namespace=NAMESPACE)

@@ -71,7 +71,7 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             scraper sees the end of a short run.
         starts_prefix: where rank 0 records each start of the worker group
             (metrics.WorkerGroupStarts; the driver's restart counter).
-        fail_at_step: fault injection for tests: {"step": n, "how": "raise" | "kill"}
+        fail_at_step: fault injection for tests: {"step": n, "how": "raise" | "kill" | "revoke"}
             (_Worker._inject_failure).
         trial_gate: a fine-tuning trial's: the name of the fan-out's TrialGate actor, whose
             turn the ranks wait for, ready to train (orchestrator/trial_gate.py).
@@ -174,7 +174,24 @@ def train_loop(config: dict[str, Any]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     context = ray.train.get_context()
-    _Worker(config, context.get_world_rank(), context.get_world_size(), context.get_local_rank(), under_ray=True).run()
+    try:
+        _Worker(config, context.get_world_rank(), context.get_world_size(), context.get_local_rank(), under_ray=True).run()
+    except Exception as error:
+        if (line := _fatal_line(error)) is not None:  # the driver stops the run rather than restart it
+            from orchestrator.progress import report_fatal
+
+            report_fatal(config.get("progress"), f"rank {context.get_world_rank()}: {line}")
+        raise
+
+
+def _fatal_line(error: BaseException) -> str | None:
+    """The one line of an error that restarting the workers cannot cure, else None."""
+    from data_pipelines.s3 import DataSourceError
+    from orchestrator.checkpoint import RefusedError
+
+    if isinstance(error, RefusedError) or (isinstance(error, DataSourceError) and error.permanent):
+        return str(error)
+    return None
 
 
 class _Worker:
@@ -498,9 +515,14 @@ class _Worker:
         fails this worker once it reaches step n: "raise" every time (a trial that keeps
         failing), "kill" SIGKILLs its own process on the first attempt only (a worker lost once:
         the attempt after it starts from a checkpoint at or past n, or, without one, finds the
-        marker the first left beside the trial)."""
+        marker the first left beside the trial). {"step": n, "how": "revoke", "environment":
+        {...}}: from step n this process's S3 clients take their credentials from that
+        environment instead (credentials revoked mid-run: the server itself then refuses)."""
         fault = self.fail_at_step
         if not fault or self.step != fault["step"] or self.rank != 0:
+            return
+        if fault["how"] == "revoke":
+            os.environ.update(fault["environment"])  # S3ClientFactory makes new clients under it
             return
         if fault["how"] == "raise":
             raise RuntimeError(f"injected failure at step {self.step}")

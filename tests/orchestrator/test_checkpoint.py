@@ -254,13 +254,13 @@ def test_a_restore_that_would_fill_the_staging_disk_stops_with_one_line_and_lose
                                         tmp_path / "d", "--steps", 4, "--memory-room", 0))
     assert codes[0] != 0 and codes[1] != 0
     for out in outputs:
-        assert re.search(rf"CheckpointError: restoring step 2 through staging files \(2 ranks here\) needs "
+        assert re.search(rf"RefusedError: restoring step 2 through staging files \(2 ranks here\) needs "
                          rf"[\d.]+ MiB free in {small_disk}/rank-0000\d/step-00000002 .*, the disk has [\d.]+ MiB: "
                          rf"point VITSCALE_STAGING_DIR at a larger disk", out), out[-3000:]
         assert "trying the previous one" not in out and "resumed" not in out
     codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", small_disk, "--dumps",
                                         tmp_path / "d", "--steps", 4))
-    assert codes == [1] and "CheckpointError: converting step 2 from 2 workers needs" in outputs[0], outputs[0][-3000:]
+    assert codes == [1] and "RefusedError: converting step 2 from 2 workers needs" in outputs[0], outputs[0][-3000:]
     assert "the disk has 1.0 MiB" in outputs[0]
     assert sum(f.stat().st_size for f in small_disk.rglob("*") if f.is_file()) == 0  # nothing written
 

@@ -156,6 +156,27 @@ def test_a_run_is_finished_when_its_weights_are_of_its_newest_commit_at_its_last
     assert finished_run(config) is None
 
 
+def test_credentials_revoked_mid_run_stop_it_with_one_line_instead_of_restarts(cluster, s3_server, capfd):
+    """From step 6 rank 0's S3 credentials are ones the server lets read but not write (a real
+    SeaweedFS identity: credentials revoked mid-run). Its step-8 upload is refused (AccessDenied,
+    not retried), its next save raises, and the driver stops the run with that line: no restart
+    of the group into the same refusal (max_failures 3), the last good commit kept."""
+    from orchestrator.checkpoint import committed_steps
+    from orchestrator.pretraining import TrainingError
+
+    config = config_for(cluster, "revoked", max_steps=16, checkpoint_every=4, log_every=2, max_failures=3)
+    reader = {"AWS_ACCESS_KEY_ID": s3_server.reader_access_key_id,
+              "AWS_SECRET_ACCESS_KEY": s3_server.reader_secret_access_key}
+    with pytest.raises(TrainingError, match=r"^training failed, not retried: rank 0: the checkpoint location refuses "
+                                            r"this run: s3://.*step-00000008.*AccessDenied"):
+        run_pretraining(config, fault={"step": 6, "how": "revoke", "environment": reader})
+    printed = capfd.readouterr()
+    assert "checkpoint step 8 failed on rank 0" in printed.out + printed.err
+    assert "resumed from step" not in printed.out + printed.err  # the group was not started again
+    assert committed_steps(checkpoint_url(config)) == [4]
+    assert s3_server.reader_secret_access_key not in printed.out + printed.err
+
+
 def test_preflight_names_what_is_missing(cluster):
     bucket, data = cluster
     with pytest.raises(PreflightError, match="no-such-bucket-x"):
