@@ -9,7 +9,9 @@ tests import it and run it under a small local Ray.
 One optimizer step is `gradient_accumulation_steps` micro-batches. Before each backward the
 ranks agree (one all-reduce) that every rank has a batch and that every loss is finite:
 - a rank whose share of the epoch ran out ends the epoch for everyone (the batches other
-  ranks were handed at that moment are counted as seen but not trained on);
+  ranks were handed at that moment are counted as seen but not trained on); `EMPTY_EPOCHS`
+  epochs in a row without one batch (every shard gone or unreadable) stop the run with
+  NoDataError, which the driver does not retry (`_fatal_line`);
 - a non-finite loss on any rank skips that micro-batch everywhere and is counted; after
   `NONFINITE_ROLLBACK` in a row the run rolls back to the last committed checkpoint while the
   data stream goes on, so the window that produced them is skipped;
@@ -40,6 +42,11 @@ from orchestrator.objectives import classification_loss
 from orchestrator.schedule import learning_rate
 
 NONFINITE_ROLLBACK = 3
+EMPTY_EPOCHS = 2  # epochs in a row without a single batch on any rank: the data is gone
+
+
+class NoDataError(RuntimeError):
+    """Every shard of the training data became unreadable: passes over it yield nothing."""
 # Worker metrics ports a node offers (metrics_port + 1 .. + 8: the PodMonitor's metrics-0..7).
 METRICS_PORTS_PER_NODE = 8
 
@@ -189,7 +196,7 @@ def _fatal_line(error: BaseException) -> str | None:
     from data_pipelines.s3 import DataSourceError
     from orchestrator.checkpoint import RefusedError
 
-    if isinstance(error, RefusedError) or (isinstance(error, DataSourceError) and error.permanent):
+    if isinstance(error, (RefusedError, NoDataError)) or (isinstance(error, DataSourceError) and error.permanent):
         return str(error)
     return None
 
@@ -244,6 +251,8 @@ class _Worker:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self.epoch_batches = 0  # micro-batches trained on in this epoch (agreed by every rank)
+        self.empty_epochs = 0  # epochs in a row that gave none
         self.rollbacks = 0
         self._batches = None
         self.metrics = self._start_metrics(local_rank, float(config.get("metrics_linger") or 0.0))
@@ -382,8 +391,20 @@ class _Worker:
                 loss = loss + torch.sqrt(loss * 0)
             has_batch, finite = self._agree(batch is not None, loss is not None and bool(torch.isfinite(loss)))
             if not has_batch:
+                # A rank's share ran out. When no rank had a batch in this whole epoch (agreed: the
+                # ranks take the same micro-batches), the data is gone, or the epoch was consumed
+                # already when it resumed; EMPTY_EPOCHS of them in a row and the run stops.
+                self.empty_epochs = 0 if self.epoch_batches else self.empty_epochs + 1
+                if self.empty_epochs >= EMPTY_EPOCHS:
+                    stats = self.loader.stats
+                    raise NoDataError(
+                        f"{self.run_config.data}: {EMPTY_EPOCHS} passes in a row yielded no sample ({stats['missing_samples']} "
+                        f"samples of {stats['short_shards']} shards missing, {stats['skipped_samples']} undecodable): "
+                        f"its shards are gone or unreadable")
+                self.epoch_batches = 0
                 self._next_epoch()
                 continue
+            self.epoch_batches += 1  # a batch, finite or not: the data is there
             if not finite:
                 self.nonfinite_total += 1
                 self.nonfinite_in_a_row += 1

@@ -177,6 +177,37 @@ def test_credentials_revoked_mid_run_stop_it_with_one_line_instead_of_restarts(c
     assert s3_server.reader_secret_access_key not in printed.out + printed.err
 
 
+def test_shards_gone_mid_run_stop_it_after_two_empty_passes(cluster, capfd):
+    """The data's shards are deleted after the first commit (for real, on the S3 server): the
+    passes after it yield nothing. Two such passes in a row stop the run with one line, not
+    retried, instead of empty epochs for ever."""
+    from data_pipelines.transfer import delete_file
+    from orchestrator.checkpoint import committed_steps
+    from orchestrator.pretraining import TrainingError
+
+    bucket, _ = cluster
+    data = f"{bucket}/gone"
+    write_synthetic("multi_label", data, num_samples=128, num_classes=10, image_size=48, samples_per_shard=32)
+    config = config_for(cluster, "gone", data=data, max_steps=400, checkpoint_every=2, log_every=2, max_failures=3)
+
+    def delete_the_shards():
+        deadline = time.monotonic() + 300
+        while not committed_steps(checkpoint_url(config)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for name in list_prefix(data):
+            if name.endswith(".tar"):
+                delete_file(f"{data}/{name}")
+
+    deleter = threading.Thread(target=delete_the_shards)
+    deleter.start()
+    with pytest.raises(TrainingError, match=rf"^training failed, not retried: rank \d: {data}: 2 passes in a row "
+                                            rf"yielded no sample \(\d+ samples of \d+ shards missing"):
+        run_pretraining(config)
+    deleter.join()
+    printed = capfd.readouterr()
+    assert "resumed from step" not in printed.out + printed.err
+
+
 def test_preflight_names_what_is_missing(cluster):
     bucket, data = cluster
     with pytest.raises(PreflightError, match="no-such-bucket-x"):
