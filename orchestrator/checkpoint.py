@@ -511,6 +511,8 @@ class CheckpointManager:
         self.failures_total = 0
         self.last_error: str | None = None
         self.refused: str | None = None  # a permanent refusal (DataSourceError.permanent): the next save raises
+        self.retention_failures_total = 0  # deletions of old steps that failed (the commits stand)
+        self._retention_error: str | None = None
         self.last_committed_step: int | None = None
         self.commits: list[tuple[int, float]] = []  # rank 0: (step, wall time) of each commit, in order
         self.stall_seconds = 0.0  # training time spent inside save(): local save + waiting
@@ -625,6 +627,23 @@ class CheckpointManager:
             if self.rank == 0:
                 self.last_committed_step = step
                 self.commits.append((step, time.time()))
+        if self.rank == 0:
+            self._retain(step)
+
+    def _retain(self, newest: int) -> None:
+        """Retention after a commit, which stands whatever happens here: a delete refused (a
+        policy without s3:DeleteObject, Object Lock) or failing is counted apart from the saves,
+        said once per kind of error, and tried again after the next commit."""
+        try:
+            self._apply_retention(newest=newest)
+        except Exception as error:
+            line = _failure(error)
+            with self._lock:
+                self.retention_failures_total += 1
+                said, self._retention_error = self._retention_error == line, line
+            if not said:
+                self.log(f"warning: deleting old checkpoints after step {newest} failed ({line}); step {newest} is "
+                         f"committed all the same, and the next commit tries again")
 
     def _upload_snapshots(self, files: _CheckpointFiles, snapshots: list[tuple[str, Any]], local: str,
                           step_url: str) -> list[FileEntry]:
@@ -689,7 +708,6 @@ class CheckpointManager:
         )
         write_bytes(join_location(step_url, MANIFEST), manifest.model_dump_json(indent=1).encode(), self.factory)
         self.log(f"checkpoint step {step} committed ({sum(f.size for f in manifest.files):,} bytes)")
-        self._apply_retention(newest=step)
 
     # --- retention ---------------------------------------------------------------------------
 

@@ -56,6 +56,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("vitscale_checkpoint_upload_seconds", "histogram", "Seconds one background checkpoint upload took.", "worker"),
     Family("vitscale_checkpoint_uploaded_bytes_total", "counter", "Checkpoint bytes uploaded by this rank.", "worker"),
     Family("vitscale_checkpoint_failures_total", "counter", "Checkpoint saves that failed to commit.", "worker"),
+    Family("vitscale_checkpoint_retention_failures_total", "counter",
+           "Deletions of old checkpoints that failed after a commit (the commit stands; retried at the next).", "worker"),
     Family("vitscale_checkpoint_last_committed_step", "gauge", "Step of the newest committed checkpoint (0: none yet).", "worker"),
     Family("vitscale_checkpoint_last_commit_timestamp_seconds", "gauge",
            "Unix time the newest checkpoint committed; the worker's start time until one does.", "worker"),

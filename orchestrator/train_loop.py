@@ -711,6 +711,7 @@ class _Worker:
             "vitscale_samples_skipped_total": self.loader.stats["skipped_samples"] + self.loader.stats["missing_samples"],
             "vitscale_checkpoint_uploaded_bytes_total": checkpoints.uploaded_bytes,
             "vitscale_checkpoint_failures_total": checkpoints.failures_total,
+            "vitscale_checkpoint_retention_failures_total": checkpoints.retention_failures_total,
         }
         values["vitscale_accelerator_memory_bytes"], values["vitscale_accelerator_memory_peak_bytes"] = accelerator_memory(self.device)
         if checkpoints.upload_seconds > self._uploads_seen:

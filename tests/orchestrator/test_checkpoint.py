@@ -39,8 +39,8 @@ def finish(procs, timeout=240):
     return [p.returncode for p in procs], outputs
 
 
-def run_ranks(s3_server, world, *args):
-    codes, outputs = finish(start_ranks(s3_server, world, *args))
+def run_ranks(s3_server, world, *args, environment=None):
+    codes, outputs = finish(start_ranks(s3_server, world, *args, environment=environment))
     assert codes == [0] * world, "\n".join(o[-3000:] for o in outputs)
     return outputs
 
@@ -263,6 +263,28 @@ def test_a_restore_that_would_fill_the_staging_disk_stops_with_one_line_and_lose
     assert codes == [1] and "RefusedError: converting step 2 from 2 workers needs" in outputs[0], outputs[0][-3000:]
     assert "the disk has 1.0 MiB" in outputs[0]
     assert sum(f.stat().st_size for f in small_disk.rglob("*") if f.is_file()) == 0  # nothing written
+
+
+def test_a_refused_delete_leaves_every_commit_standing(s3_server, run_url, tmp_path):
+    """Retention's deletes refused for real (the proxy answers 403 AccessDenied to DELETE and to
+    multi-object deletes: a policy without s3:DeleteObject): every step still commits and counts
+    as committed, no save counts as failed, the warning is said once; the first commit after the
+    refusal is gone deletes what is no longer kept."""
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add("DELETE", r".", "403")
+        proxy.add("POST", r"[?&]delete", "403")
+        outputs = run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
+                            "--steps", 4, "--save-at", "1,2,3,4", "--keep-last", 1, "--fresh",
+                            environment={"AWS_ENDPOINT_URL": proxy.endpoint_url})
+        refused = proxy.count("403")
+    out = outputs[0]
+    assert refused >= 1 and all(f"checkpoint step {s} committed" in out for s in (1, 2, 3, 4)), out[-3000:]
+    assert "rank 0: failures_total=0 last_committed=4" in out
+    assert out.count("warning: deleting old checkpoints after step") == 1 and "AccessDenied" in out
+    assert {int(k[5:13]) for k in list_prefix(run_url, s3_server.client_factory())} == {1, 2, 3, 4}
+    run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "b", "--dumps", tmp_path / "d",
+              "--steps", 5, "--save-at", "5", "--keep-last", 1)
+    assert {int(k[5:13]) for k in list_prefix(run_url, s3_server.client_factory())} == {5}
 
 
 def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, run_url, tmp_path):
