@@ -144,6 +144,9 @@ class PretrainConfig(BaseModel):
     finetune_workers_per_trial: int | None = Field(default=None, gt=0)  # None: the run's workers, at most 8
     finetune_data_workers: int | None = Field(default=None, ge=0)  # a trial's DataLoader workers; None: data_workers
     dry_run: bool = False
+    # Resume a run whose last checkpoint was trained with other training settings (TRAINING_FIELDS):
+    # refused unless set.
+    resume_with_changes: bool = False
     recipe_model: str  # the table row the settings come from (a debug twin's paper twin)
     overrides: tuple[str, ...] = ()  # fields set explicitly, winning over the recipe
 
@@ -194,6 +197,14 @@ class PretrainConfig(BaseModel):
 
 
 # Fields the recipe derives; setting them directly would contradict the fields they come from.
+# What changes the computation a resumed run continues (the model, the objective, the
+# optimizer and its schedule, the batch, the data, the seed); not how it is run (workers,
+# micro-batches, ZeRO stage, checkpointing, metrics, max_steps).
+TRAINING_FIELDS = (
+    "model", "dataset", "objective", "num_classes", "multi_label", "loss", "image_size", "representation_size",
+    "dropout", "optimizer", "base_lr", "lr_decay", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+    "grad_clip_norm", "total_steps", "global_batch_size", "seed", "data",
+)
 _DERIVED = {"loss", "gradient_accumulation_steps", "total_steps", "recipe_model", "overrides", "epochs_in_table"}
 OVERRIDABLE = tuple(f for f in PretrainConfig.model_fields if f not in _DERIVED)
 

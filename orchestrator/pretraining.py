@@ -188,51 +188,75 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
             f"{config.steps}: raise --max-steps or --epochs to go on); its weights: {finished['weights']} "
             f"(sha256 {finished['sha256'][:12]})")
         return {"step": finished["step"], "nothing_to_train": True}
-    ray = connect_ray(config)  # a local Ray puts its own SIGTERM handler in place: ours go in after
-    with signals_stop_the_run() as received:
-        check_resources(config, ray)
-        log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
-        starts = WorkerGroupStarts.for_run(config.run_name)
-        driver_metrics = start_driver_metrics(config, starts, log)
-        resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
-        staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
-        with progress_bar(ray, config.run_name, total=config.steps, initial=last_committed_step(config)) as progress:
-            trainer = build_trainer(
-                train_loop,
-                train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
-                                                nan_grad_at=nan_grad_at, metrics_linger=metrics_linger, fail_at_step=fault,
-                                                starts_prefix=starts.prefix, progress=progress),
-                scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
-                                             resources_per_worker=resources),
-                run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
-                                     storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
-                local=ray_started_here(ray),
-            )
-            try:
-                result = trainer.fit()
-            except (KeyboardInterrupt, SystemExit):
-                if progress.fatal:  # a worker said restarting cannot help: progress.py aborted the run
-                    raise TrainingError(f"training failed, not retried: {progress.fatal}") from None
-                # A stop signal (signals_stop_the_run), or Ctrl-C through Ray Train's own handler,
-                # which aborts the controller and then makes ray.get raise SystemExit.
-                signum = received[0] if received else signal.SIGINT
-                if ray_started_here(ray):
-                    # Now, not at exit: when the signal reached the whole process group (systemd,
-                    # Slurm), Ray's GCS and raylet died of it too, and the controller, still alive,
-                    # started the workers again; shut down at exit, the driver then waited 60 s for
-                    # the GCS and left those workers running. Here: 1.4 s (8 s without a GCS).
-                    ray.shutdown()
-                raise Interrupted(signum, where_it_stands(config)) from None
-            except Exception as error:  # ray.train.TrainingFailedError and its kin
-                raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
-            finally:
-                if metrics_linger and not received:  # for a last scrape; not when told to stop
-                    time.sleep(metrics_linger)
-                driver_metrics.close()
-                starts.clear()
+    check_resume(config)
+    lease = _take_the_run(config, log)  # before any cluster resource: one driver per run
+    try:
+        ray = connect_ray(config)  # a local Ray puts its own SIGTERM handler in place: ours go in after
+        with signals_stop_the_run() as received:
+            check_resources(config, ray)
+            log(f"run {config.run_name}: {config.workers} workers, checkpoints in {checkpoint_url(config)}")
+            starts = WorkerGroupStarts.for_run(config.run_name)
+            driver_metrics = start_driver_metrics(config, starts, log)
+            resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
+            staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+            with progress_bar(ray, config.run_name, total=config.steps, initial=last_committed_step(config)) as progress:
+                trainer = build_trainer(
+                    train_loop,
+                    train_loop_config=worker_config(config, staging_dir=staging, record_dir=record_dir, nan_loss_at=nan_loss_at,
+                                                    nan_grad_at=nan_grad_at, metrics_linger=metrics_linger, fail_at_step=fault,
+                                                    starts_prefix=starts.prefix, progress=progress),
+                    scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                                 resources_per_worker=resources),
+                    run_config=RunConfig(name=config.run_name, failure_config=FailureConfig(max_failures=config.max_failures),
+                                         storage_path=os.path.join(tempfile.gettempdir(), "vitscale-ray-results")),
+                    local=ray_started_here(ray),
+                )
+                try:
+                    result = trainer.fit()
+                except (KeyboardInterrupt, SystemExit):
+                    if progress.fatal or lease.lost:  # not a signal: progress.py or the lease aborted the run
+                        raise TrainingError(f"training failed, not retried: {progress.fatal or lease.lost}") from None
+                    # A stop signal (signals_stop_the_run), or Ctrl-C through Ray Train's own handler,
+                    # which aborts the controller and then makes ray.get raise SystemExit.
+                    signum = received[0] if received else signal.SIGINT
+                    if ray_started_here(ray):
+                        # Now, not at exit: when the signal reached the whole process group (systemd,
+                        # Slurm), Ray's GCS and raylet died of it too, and the controller, still alive,
+                        # started the workers again; shut down at exit, the driver then waited 60 s for
+                        # the GCS and left those workers running. Here: 1.4 s (8 s without a GCS).
+                        ray.shutdown()
+                    raise Interrupted(signum, where_it_stands(config)) from None
+                except Exception as error:  # ray.train.TrainingFailedError and its kin
+                    raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
+                finally:
+                    if metrics_linger and not received:  # for a last scrape; not when told to stop
+                        time.sleep(metrics_linger)
+                    driver_metrics.close()
+                    starts.clear()
+    finally:
+        lease.release()
     if result.error is not None:
         raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
     return dict(result.metrics or {})
+
+
+def _take_the_run(config: PretrainConfig, log: Callable[[str], None]):
+    """The run's lease (orchestrator/lease.py), renewed while this driver lives; PreflightError
+    naming the driver that holds it. A lease taken over later (this driver stopped renewing
+    for its whole ttl) stops this run as Ctrl-C does, with that line."""
+    import _thread
+
+    from data_pipelines.s3 import DataSourceError, join_location
+    from orchestrator.lease import LeaseHeld, RunLease
+    from orchestrator.train_loop import run_url
+
+    lease = RunLease(join_location(run_url(config), "lease.json"), log=log)
+    try:
+        lease.acquire()
+    except (LeaseHeld, DataSourceError) as error:
+        raise PreflightError(f"run {config.run_name}: {error}") from None
+    lease.start_renewing(on_lost=lambda line: _thread.interrupt_main(signal.SIGINT))
+    return lease
 
 
 @contextlib.contextmanager
@@ -289,6 +313,35 @@ def finished_run(config: PretrainConfig) -> dict | None:
     except (DataSourceError, ValueError, KeyError, TypeError):  # none yet, or unreadable: the workers decide
         return None
     return record if steps and steps[-1] == record["step"] >= config.steps else None
+
+
+def check_resume(config: PretrainConfig) -> None:
+    """PreflightError when the run's newest checkpoint was trained with other training settings
+    (config.TRAINING_FIELDS: a changed LR, schedule, batch, model, data or seed), unless
+    `resume_with_changes` is set; nothing for a fresh run or one whose manifest cannot be read
+    now (the workers will say why)."""
+    from data_pipelines.s3 import DataSourceError
+    from orchestrator.checkpoint import CheckpointManager
+    from orchestrator.config import TRAINING_FIELDS
+    from orchestrator.train_loop import checkpoint_url
+
+    if config.resume_with_changes:
+        return
+    try:
+        manager = CheckpointManager(checkpoint_url(config), staging_dir=tempfile.gettempdir())
+        steps = manager.committed_steps()
+        if not steps:
+            return
+        saved = manager.read_manifest(steps[-1]).config
+    except (DataSourceError, ValueError):
+        return
+    now = config.model_dump(mode="json")
+    changed = [f for f in TRAINING_FIELDS if f in saved and saved[f] != now[f]]
+    if changed:
+        listed = ", ".join(f"{f}={saved[f]!r} (now {now[f]!r})" for f in changed)
+        raise PreflightError(f"run {config.run_name} resumes from step {steps[-1]}, trained with {listed}: resume with "
+                             f"those settings, give this config another --set run_name=..., or --set "
+                             f"resume_with_changes=true to go on with the new ones")
 
 
 def last_committed_step(config: PretrainConfig) -> int:

@@ -379,4 +379,5 @@ def test_unreachable_checkpoint_location_is_refused(s3_server):
                           f"{bucket}/synth", "--checkpoints", "s3://no-such-bucket-here/runs"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "pretrain.py: error: s3://no-such-bucket-here: 404: not found (missing bucket or object)"
+    assert out.stderr.strip().splitlines()[-1] == ("pretrain.py: error: s3://no-such-bucket-here/runs: NoSuchBucket: the "
+                                                   "bucket does not exist (a test write was refused)")

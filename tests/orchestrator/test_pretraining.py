@@ -208,6 +208,22 @@ def test_shards_gone_mid_run_stop_it_after_two_empty_passes(cluster, capfd):
     assert "resumed from step" not in printed.out + printed.err
 
 
+def test_a_resume_with_other_training_settings_is_refused_unless_told(cluster):
+    """A run resumed with another learning rate and seed (a changed recipe, a typo) would train
+    on from its checkpoint as something else: refused before anything starts, naming each
+    setting; with resume_with_changes it goes on. How it runs (workers, checkpointing) may change."""
+    from orchestrator.pretraining import check_resume
+
+    config = config_for(cluster, "changed", max_steps=2, checkpoint_every=2)
+    run_pretraining(config)
+    changed = config_for(cluster, "changed", max_steps=4, checkpoint_every=2, base_lr=1e-3, seed=5)
+    with pytest.raises(PreflightError, match=r"^run changed resumes from step 2, trained with base_lr=0.003 \(now 0.001\), "
+                                            r"seed=0 \(now 5\): .* --set resume_with_changes=true"):
+        run_pretraining(changed)
+    check_resume(config_for(cluster, "changed", max_steps=4, base_lr=1e-3, seed=5, resume_with_changes=True))
+    check_resume(config_for(cluster, "changed", max_steps=4, workers=1, checkpoint_every=1, data_workers=0))
+
+
 def test_preflight_names_what_is_missing(cluster):
     bucket, data = cluster
     with pytest.raises(PreflightError, match="no-such-bucket-x"):
