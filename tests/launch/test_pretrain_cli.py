@@ -88,14 +88,14 @@ def test_cli_surface_is_frozen():
 
 def test_dry_run_pretrains_fans_out_over_its_stand_ins_and_writes_its_report():
     """`make dry-run`'s command, scaled to the test budget (10 pretraining steps; the fan-out over
-    two of its stand-ins: the real digits as CIFAR-10, its sweep and final at a third of the dry
+    two of its stand-ins: the real digits as CIFAR-10, its sweep and final at a tenth of the dry
     run's 3000 steps, and one VTAB task): embedded S3, synthetic shards, Ray + DeepSpeed,
     checkpoints, then launch/pretrain.py's own hand-over to the fan-out, then the report, whose
     path is the last line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     out = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--max-steps", "10", "--checkpoint-every", "5",
                           "--set", "log_every=2", "--set", "finetune_datasets=CIFAR10,VTAB/EuroSAT",
-                          "--set", 'finetune_steps={"CIFAR10": 1000}'],
+                          "--set", 'finetune_steps={"CIFAR10": 300}'],
                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
@@ -109,11 +109,10 @@ def test_dry_run_pretrains_fans_out_over_its_stand_ins_and_writes_its_report():
     assert len(re.findall(r"trial CIFAR10/sweep-lr\S+ finished: held-out 2% of train accuracy", text)) == 4
     assert "trial VTAB/EuroSAT/final-lr0.01 finished: test accuracy" in text
     digits = float(re.search(r"trial CIFAR10/final-lr\S+ finished: test accuracy (\S+)", text).group(1))
-    # The real digits, 1000 steps at 8 px under the table's inception crop and flip: chance is
-    # 0.1; one trial of 1000 steps scored 0.59, 0.78 and 0.94 at LR 0.003, 0.01 and 0.03 (from
-    # random weights, 2-core VM). `make dry-run`'s own 3000 steps reach 0.931 (README; issue 21
-    # asks for 0.9); at 3000 this test took 268 s of a 19-minute suite here.
-    assert digits >= 0.5, digits
+    # The real digits, 300 steps at 8 px under the table's inception crop and flip: chance is
+    # 0.1. `make dry-run`'s own 3000 steps reach 0.931 (README; issue 21 asks for 0.9); at 3000
+    # this test took 268 s of a 19-minute suite here, at 1000 (>= 0.5) 154 s.
+    assert digits >= 0.25, digits
     # A log short enough to read: Ray Train's notices (a worker group asked for, started, its
     # ranks, its process group) are pretraining's alone, not repeated by each of the 6 trials,
     # which say when they start and end; DeepSpeed builds no comm op on CPUs (gloo), so says none.

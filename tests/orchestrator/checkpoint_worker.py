@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--keep-every", type=int, default=0)
     p.add_argument("--failure-budget", type=int, default=3)
+    p.add_argument("--upload-attempts", type=int, default=3)
     p.add_argument("--hang-after-upload", type=int, default=-1)
     p.add_argument("--break-upload", default="", help="STEP:RANK: that rank's upload of that step raises a RuntimeError")
     p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
@@ -105,6 +106,7 @@ def main() -> None:
     manager = checkpoint.CheckpointManager(
         args.url, staging_dir=args.staging, rank=rank, world_size=world, keep_last=args.keep_last,
         keep_every=args.keep_every, failure_budget=args.failure_budget, commit_timeout=60,
+        upload_attempts=args.upload_attempts,
     )
     os.makedirs(args.dumps, exist_ok=True)
     start = 0

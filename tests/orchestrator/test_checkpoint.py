@@ -188,7 +188,7 @@ def test_reports_an_earlier_attempt_left_at_a_step_are_never_counted(s3_server, 
     reports: here two ranks', rank 1's a failure. One rank, resuming from step 2 (converted from
     two workers), saves that step again: its commit counts only its own attempt's report (it
     counted both: the old failure failed it, and a manifest of two ranks would have failed every
-    later restore), and the next start resumes from it."""
+    later restore): the manifest is one rank's, of this attempt."""
     factory = s3_server.client_factory()
     run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
               "--steps", 4, "--save-at", "2,4", "--break-upload", "4:1")
@@ -204,10 +204,6 @@ def test_reports_an_earlier_attempt_left_at_a_step_are_never_counted(s3_server, 
     assert manifest["world_size"] == 1 and [r["rank"] for r in manifest["ranks"]] == [0]
     attempt = manifest["ranks"][0]["attempt"]
     assert f"step-00000004/ranks/{attempt}/rank-00000.json" in list_prefix(run_url, factory)
-
-    outputs = run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "c", "--dumps", tmp_path / "d",
-                        "--steps", 4)
-    assert re.search(r"^resumed from step 4$", outputs[0], re.M), outputs[0][-3000:]  # no conversion: one rank wrote it
 
 
 def test_a_refused_upload_is_not_retried_and_the_next_save_stops_the_run(s3_server, run_url, tmp_path):
@@ -295,12 +291,12 @@ def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, run_url
         proxy.add(None, r"/step-\d{8}/", "503")
         codes, outputs = finish(start_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "a",
                                             "--dumps", tmp_path / "d", "--steps", 5, "--save-at", "1,2,3,4,5",
-                                            "--failure-budget", 2, "--fresh",
+                                            "--failure-budget", 2, "--fresh", "--upload-attempts", 2,
                                             environment={"AWS_ENDPOINT_URL": proxy.endpoint_url, "AWS_MAX_ATTEMPTS": "1"}))
     assert codes == [3], outputs[0][-3000:]
     assert "checkpoint step 1 failed on rank 0" in outputs[0] and "checkpoint step 3 failed on rank 0" in outputs[0]
     assert "3 checkpoint saves failed in a row (budget 2)" in outputs[0]
-    assert "SlowDown" in outputs[0] and proxy.count("503") >= 3 * 3  # each save's upload tried 3 times
+    assert "SlowDown" in outputs[0] and proxy.count("503") >= 3 * 2  # each save's upload tried twice
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset") not in outputs[0]
     assert s3_server.secret_access_key not in outputs[0]
 

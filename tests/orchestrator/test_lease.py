@@ -109,5 +109,4 @@ def test_pretraining_refuses_a_run_another_driver_holds_before_taking_anything(c
     finally:
         holder.release()
     assert not list_prefix(checkpoint_url(config))  # nothing trained, nothing written
-    run_pretraining(config)  # released: the run is this driver's
-    assert not [n for n in list_prefix(run_url(config)) if n == "lease.json"]  # given back at the end
+    # A run that ends gives its lease back: test_pretraining.py's resume test looks.

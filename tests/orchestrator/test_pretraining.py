@@ -17,7 +17,7 @@ from data_pipelines.storage import read_bytes, write_bytes
 from data_pipelines.synthetic import write_synthetic
 from data_pipelines.transfer import list_prefix
 from orchestrator.pretraining import PreflightError, check_locations, check_resources, finished_run, run_pretraining
-from orchestrator.train_loop import checkpoint_url, weights_record_url, weights_url
+from orchestrator.train_loop import checkpoint_url, run_url, weights_record_url, weights_url
 from tests.orchestrator.conftest import SAMPLES, config_for
 
 
@@ -188,7 +188,8 @@ def test_shards_gone_mid_run_stop_it_after_two_empty_passes(cluster, capfd):
     bucket, _ = cluster
     data = f"{bucket}/gone"
     write_synthetic("multi_label", data, num_samples=128, num_classes=10, image_size=48, samples_per_shard=32)
-    config = config_for(cluster, "gone", data=data, max_steps=400, checkpoint_every=2, log_every=2, max_failures=3)
+    config = config_for(cluster, "gone", data=data, max_steps=400, checkpoint_every=2, log_every=2, max_failures=3,
+                        data_workers=0)
 
     def delete_the_shards():
         deadline = time.monotonic() + 300
@@ -216,6 +217,7 @@ def test_a_resume_with_other_training_settings_is_refused_unless_told(cluster):
 
     config = config_for(cluster, "changed", max_steps=2, checkpoint_every=2)
     run_pretraining(config)
+    assert "lease.json" not in list_prefix(run_url(config))  # the run's lease, given back at its end
     changed = config_for(cluster, "changed", max_steps=4, checkpoint_every=2, base_lr=1e-3, seed=5)
     with pytest.raises(PreflightError, match=r"^run changed resumes from step 2, trained with base_lr=0.003 \(now 0.001\), "
                                             r"seed=0 \(now 5\): .* --set resume_with_changes=true"):
