@@ -7,7 +7,8 @@
 Each save also dumps this rank's parameters, optimizer state and the next RNG draw to
 `--dumps/step-<N>-rank-<R>.pt`; a run that restores dumps the same right after restoring, as
 `restored-rank-<R>.pt`, so the test can compare the two exactly. `--hang-after-upload N`
-makes the upload of step N stall forever after its first file (for the SIGKILL test).
+makes the upload of step N stall forever after its first file (for the SIGKILL test);
+`--hang-in-commit N` stalls rank 0 in step N's commit, `--hang-in-restore R` rank R in its restore.
 """
 
 import argparse
@@ -54,6 +55,9 @@ def main() -> None:
     p.add_argument("--keep-every", type=int, default=0)
     p.add_argument("--failure-budget", type=int, default=3)
     p.add_argument("--upload-attempts", type=int, default=3)
+    p.add_argument("--hang-in-commit", type=int, default=-1,
+                   help="rank 0 stalls for good in the commit of this step, its report written, before the manifest")
+    p.add_argument("--hang-in-restore", type=int, default=-1, help="this rank stalls for good while it downloads its files")
     p.add_argument("--hang-after-upload", type=int, default=-1)
     p.add_argument("--break-upload", default="", help="STEP:RANK: that rank's upload of that step raises a RuntimeError")
     p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
@@ -91,6 +95,24 @@ def main() -> None:
             return uploaded
 
         checkpoint.upload_images = upload_then_hang
+
+    if args.hang_in_commit >= 0 and rank == 0:
+        real_commit = checkpoint.CheckpointManager._commit
+
+        def commit_or_hang(self, step, step_url, config):
+            if step == args.hang_in_commit:
+                open(os.path.join(args.dumps, "hanging-in-commit"), "w").close()
+                time.sleep(3600)
+            return real_commit(self, step, step_url, config)
+
+        checkpoint.CheckpointManager._commit = commit_or_hang
+
+    if args.hang_in_restore == rank:
+        def download_and_hang(self, manifest):
+            open(os.path.join(args.dumps, f"hanging-in-restore-rank-{rank}"), "w").close()
+            time.sleep(3600)
+
+        checkpoint.CheckpointManager._download_verified = download_and_hang
 
     if args.break_upload:
         broken_step, broken_rank = map(int, args.break_upload.split(":"))

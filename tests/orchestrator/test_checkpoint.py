@@ -144,6 +144,37 @@ def test_sigkill_mid_upload_leaves_a_step_that_is_never_loaded(s3_server, run_ur
     assert not uploads.get("Uploads")
 
 
+def test_rank_0_killed_mid_commit_and_a_rank_killed_mid_restore_resume_from_the_last_verified_step(
+        s3_server, run_url, tmp_path):
+    """Rank 0 SIGKILLed in step 4's commit (every report written, the manifest not yet), then a
+    rank SIGKILLed while it restores: each time the next start resumes from step 2, the last
+    step verified, with exactly its state, and commits step 4 again (that attempt's reports,
+    not the killed one's)."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+
+    def killed_at(marker, *args):
+        procs = start_ranks(s3_server, 2, "--url", run_url, "--dumps", dumps, *args)
+        deadline = time.monotonic() + 180
+        while not (dumps / marker).exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs)[1]
+            time.sleep(0.1)
+        for proc in procs:  # the rank first, then the group, as Ray Train stops a group that lost one
+            proc.send_signal(signal.SIGKILL)
+        finish(procs)
+
+    killed_at("hanging-in-commit", "--staging", tmp_path / "a", "--steps", 4, "--save-at", "2,4", "--hang-in-commit", 4)
+    found = list_prefix(run_url, s3_server.client_factory())
+    assert "step-00000002/manifest.json" in found and "step-00000004/manifest.json" not in found
+    assert len([k for k in found if re.fullmatch(r"step-00000004/ranks/\w+/rank-0000[01]\.json", k)]) == 2
+    killed_at("hanging-in-restore-rank-1", "--staging", tmp_path / "b", "--steps", 4, "--hang-in-restore", 1)
+    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "c", "--dumps", dumps,
+                        "--steps", 4, "--save-at", "4")
+    assert "resumed from step 2" in outputs[0] and "checkpoint step 4 committed" in outputs[0], outputs[0][-3000:]
+    for rank in (0, 1):
+        assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
+
+
 def test_corrupted_object_falls_back_to_the_previous_checkpoint(s3_server, run_url, tmp_path):
     dumps = tmp_path / "dumps"
     run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,
