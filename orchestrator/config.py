@@ -110,6 +110,10 @@ class PretrainConfig(BaseModel):
     # extra gradient/parameter collectives buy nothing here; measured on CPU (benchmarks/
     # train_step.py) ZeRO-1 and -2 cost about the same, 0.87-0.88 of a bare torch loop.
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # The engine's arithmetic: "auto" is bf16 (fp32 masters) on GPUs and fp32 on CPUs; "bf16" on
+    # CPUs too (DeepSpeed's CPU accelerator: tests of what only bf16 does, e.g. an update that
+    # makes the parameters non-finite, which the fp32 engine skips).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # torch.compile the model (inductor) in every worker: ViT-B/16 bf16 on an H200 (benchmarks/
     # mfu.py, batch 256) steps in 75 ms instead of 88 (MFU 0.309 -> 0.363), for ~22 s of
     # compiling at each worker start. Off by default until a whole run has been tried with it
@@ -203,7 +207,7 @@ class PretrainConfig(BaseModel):
 TRAINING_FIELDS = (
     "model", "dataset", "objective", "num_classes", "multi_label", "loss", "image_size", "representation_size",
     "dropout", "optimizer", "base_lr", "lr_decay", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-    "grad_clip_norm", "total_steps", "global_batch_size", "seed", "data",
+    "grad_clip_norm", "total_steps", "global_batch_size", "seed", "data", "precision",
 )
 _DERIVED = {"loss", "gradient_accumulation_steps", "total_steps", "recipe_model", "overrides", "epochs_in_table"}
 OVERRIDABLE = tuple(f for f in PretrainConfig.model_fields if f not in _DERIVED)

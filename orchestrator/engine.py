@@ -16,6 +16,11 @@ from typing import Any
 from orchestrator.config import PretrainConfig
 
 
+def uses_bf16(config: PretrainConfig, *, use_gpu: bool) -> bool:
+    """bf16 arithmetic (fp32 masters): on GPUs unless the config says fp32; on CPUs if it says bf16."""
+    return config.precision == "bf16" or (config.precision == "auto" and use_gpu)
+
+
 def deepspeed_config(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]:
     """The engine's config. Fine-tuning trials (TrialConfig, optimizer "sgd") bring their own
     torch SGD instead of the "optimizer" block (build_engine)."""
@@ -57,7 +62,7 @@ def _engine_settings(config: PretrainConfig, *, use_gpu: bool) -> dict[str, Any]
         # without it. bf16 has fp32's range, so loss scaling needs no such check; the worker
         # checks the gradient norm DeepSpeed computes anyway for clipping after every update
         # and rolls back when an update made the parameters non-finite (train_loop.py).
-        "bf16": {"enabled": use_gpu, "check_grad_overflow": False},
+        "bf16": {"enabled": uses_bf16(config, use_gpu=use_gpu), "check_grad_overflow": False},
         "zero_optimization": {"stage": config.zero_stage},
         "steps_per_print": 10**12,  # our own metrics and logs report progress
         "wall_clock_breakdown": False,

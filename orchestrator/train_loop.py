@@ -36,13 +36,17 @@ from typing import Any
 import torch
 
 from data_pipelines.s3 import join_location
-from orchestrator.checkpoint import CheckpointError, CheckpointManager
+from orchestrator.checkpoint import CheckpointManager
 from orchestrator.config import PretrainConfig, TrialConfig
 from orchestrator.objectives import classification_loss
 from orchestrator.schedule import learning_rate
 
 NONFINITE_ROLLBACK = 3
 EMPTY_EPOCHS = 2  # epochs in a row without a single batch on any rank: the data is gone
+
+
+class DivergedError(RuntimeError):
+    """Non-finite before any checkpoint: nothing to roll back to, and a restart would repeat it."""
 
 
 class NoDataError(RuntimeError):
@@ -196,7 +200,7 @@ def _fatal_line(error: BaseException) -> str | None:
     from data_pipelines.s3 import DataSourceError
     from orchestrator.checkpoint import RefusedError
 
-    if isinstance(error, (RefusedError, NoDataError)) or (isinstance(error, DataSourceError) and error.permanent):
+    if isinstance(error, (RefusedError, NoDataError, DivergedError)) or (isinstance(error, DataSourceError) and error.permanent):
         return str(error)
     return None
 
@@ -233,7 +237,9 @@ class _Worker:
         with self._deepspeed_notices_in_trial_log():
             self.engine = build_engine(run, use_gpu=self.use_gpu)
         self.device = self.engine.device
-        self.dtype = torch.bfloat16 if self.use_gpu else torch.float32
+        from orchestrator.engine import uses_bf16
+
+        self.dtype = torch.bfloat16 if uses_bf16(run, use_gpu=self.use_gpu) else torch.float32
         # GPU workers load uint8 pixels and normalise them on the GPU: a quarter of the bytes
         # to copy (ViT-B/16, 256 images: 38 MB instead of 154 per step) and no float pass on
         # the CPU. CPU workers normalise into the loader's reused float buffers. GPU batches
@@ -522,8 +528,10 @@ class _Worker:
             torch.distributed.all_gather_object(positions, self.loader.state_dict())
         restored = self.checkpoints.restore(self.engine)
         if restored is None:
-            raise CheckpointError(f"step {self.step}: {NONFINITE_ROLLBACK} non-finite losses in a row and no "
-                                  f"checkpoint to roll back to")
+            # Before the first commit: the same seed and data would diverge the same way after a
+            # restart, so the driver is told not to restart (_fatal_line).
+            raise DivergedError(f"after step {self.step}: the run went non-finite before its first checkpoint, with "
+                                f"nothing to roll back to (a lower base_lr or a longer warmup_steps may hold it)")
         self.rollbacks += 1
         self.nonfinite_in_a_row = 0
         self.log(f"rolled back from step {self.step} to step {restored.step}; the data window in between is skipped")

@@ -260,6 +260,28 @@ def test_non_finite_losses_are_skipped_and_roll_back(cluster, tmp_path, capfd):
     assert "step-00000008/manifest.json" in manifests and "step-00000012/manifest.json" in manifests
 
 
+def test_bf16_rolls_back_an_update_that_made_the_parameters_non_finite_and_stops_one_before_any_commit(
+        cluster, capfd):
+    """bf16 on CPUs (precision=bf16: DeepSpeed's CPU accelerator), where as on GPUs DeepSpeed
+    applies an update whatever its gradient norm: NaN gradients after step 5 make the parameters
+    non-finite, the worker rolls back to step 4 and the run finishes finite. The same before the
+    first checkpoint has nothing to roll back to: the run stops with one line, not retried (the
+    same seed and data would diverge the same way)."""
+    from orchestrator.pretraining import TrainingError
+
+    config = config_for(cluster, "bf16", precision="bf16", max_steps=8, checkpoint_every=4, log_every=2)
+    run_pretraining(config, nan_grad_at={5: 1})
+    out = capfd.readouterr().out
+    assert "step 6: non-finite gradient norm made the parameters non-finite (1 non-finite in all): rolling back" in out
+    assert "rolled back from step 5 to step 4" in out and re.search(r"step 8 nonfinite_total 1 rollbacks 1 .*loss \d", out)
+    assert "step-00000008/manifest.json" in list_prefix(checkpoint_url(config))
+    early = config_for(cluster, "bf16-early", precision="bf16", max_steps=8, checkpoint_every=4, max_failures=3)
+    with pytest.raises(TrainingError, match=r"^training failed, not retried: rank \d: after step 1: the run went non-finite "
+                                            r"before its first checkpoint, with nothing to roll back to"):
+        run_pretraining(early, nan_grad_at={1: 1})
+    assert "resumed" not in capfd.readouterr().out and not list_prefix(checkpoint_url(early))
+
+
 def test_masked_patch_prediction_trains_on_unlabeled_shards(cluster, capfd):
     bucket, _ = cluster
     write_synthetic("unlabeled", f"{bucket}/unlabeled", num_samples=SAMPLES, image_size=48, samples_per_shard=64)
