@@ -7,11 +7,7 @@ import time
 import pytest
 
 from data_pipelines.storage import read_bytes
-from data_pipelines.transfer import list_prefix
 from orchestrator.lease import LeaseHeld, LeaseLost, RunLease
-from orchestrator.pretraining import PreflightError, run_pretraining
-from orchestrator.train_loop import checkpoint_url, run_url
-from tests.orchestrator.conftest import config_for
 
 
 @pytest.fixture(params=["s3", "folder"])
@@ -97,16 +93,3 @@ def test_of_drivers_taking_over_a_stale_lease_at_once_one_wins(s3_server):
     assert won.count(True) == 1, won
     winner = contenders[won.index(True)]
     assert json.loads(read_bytes(url, s3_server.client_factory()))["id"] == winner.holder["id"]
-
-
-def test_pretraining_refuses_a_run_another_driver_holds_before_taking_anything(cluster, s3_server):
-    config = config_for(cluster, "leased", max_steps=2, checkpoint_every=2)
-    holder = RunLease(f"{run_url(config)}/lease.json", factory=s3_server.client_factory())
-    holder.acquire()
-    try:
-        with pytest.raises(PreflightError, match=r"^run leased: another driver is running this run"):
-            run_pretraining(config)
-    finally:
-        holder.release()
-    assert not list_prefix(checkpoint_url(config))  # nothing trained, nothing written
-    # A run that ends gives its lease back: test_pretraining.py's resume test looks.

@@ -226,6 +226,21 @@ def test_a_resume_with_other_training_settings_is_refused_unless_told(cluster):
     check_resume(config_for(cluster, "changed", max_steps=4, workers=1, checkpoint_every=1, data_workers=0))
 
 
+def test_pretraining_refuses_a_run_another_driver_holds_before_taking_anything(cluster, s3_server):
+    from orchestrator.lease import RunLease
+
+    config = config_for(cluster, "leased", max_steps=2, checkpoint_every=2)
+    holder = RunLease(f"{run_url(config)}/lease.json", factory=s3_server.client_factory())
+    holder.acquire()
+    try:
+        with pytest.raises(PreflightError, match=r"^run leased: another driver is running this run"):
+            run_pretraining(config)
+    finally:
+        holder.release()
+    assert not list_prefix(checkpoint_url(config))  # nothing trained, nothing written
+    # A run that ends gives its lease back: the resume test above looks.
+
+
 def test_preflight_names_what_is_missing(cluster):
     bucket, data = cluster
     with pytest.raises(PreflightError, match="no-such-bucket-x"):
