@@ -541,7 +541,7 @@ class CheckpointManager:
         with self._lock:
             if self.refused is not None:
                 raise RefusedError(f"the checkpoint location refuses this run: {self.refused}; retrying cannot help "
-                                      f"(check the credentials, the bucket and its policy)")
+                                   f"(check the credentials, the bucket and its policy)")
             if self.failures_in_a_row > self.failure_budget:
                 raise CheckpointError(
                     f"{self.failures_in_a_row} checkpoint saves failed in a row (budget {self.failure_budget}); "

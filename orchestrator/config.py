@@ -202,12 +202,14 @@ class PretrainConfig(BaseModel):
 
 # Fields the recipe derives; setting them directly would contradict the fields they come from.
 # What changes the computation a resumed run continues (the model, the objective, the
-# optimizer and its schedule, the batch, the data, the seed); not how it is run (workers,
-# micro-batches, ZeRO stage, checkpointing, metrics, max_steps).
+# optimizer and its schedule's shape, the batch, the data, the seed); not how it is run
+# (workers, micro-batches, ZeRO stage, checkpointing, metrics), nor its length: a larger
+# --max-steps or --epochs trains on from the last checkpoint, as the README says (--epochs
+# stretches the decay over the longer run).
 TRAINING_FIELDS = (
     "model", "dataset", "objective", "num_classes", "multi_label", "loss", "image_size", "representation_size",
     "dropout", "optimizer", "base_lr", "lr_decay", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-    "grad_clip_norm", "total_steps", "global_batch_size", "seed", "data", "precision",
+    "grad_clip_norm", "global_batch_size", "seed", "data", "precision",
 )
 _DERIVED = {"loss", "gradient_accumulation_steps", "total_steps", "recipe_model", "overrides", "epochs_in_table"}
 OVERRIDABLE = tuple(f for f in PretrainConfig.model_fields if f not in _DERIVED)
