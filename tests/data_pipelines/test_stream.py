@@ -161,13 +161,11 @@ def _rank_process(rank, world_size, port, source, factory, stop_after, results):
 
 def test_real_ranks_gather_their_positions_and_one_rank_finishes_the_epoch(train_shards, s3):
     import multiprocessing
-    import socket
 
     from data_pipelines.storage import read_bytes
+    from tests.conftest import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # below the ephemeral range, never handed out twice (tests/conftest.py)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     ranks = [context.Process(target=_rank_process, args=(r, 2, port, train_shards, s3, [4, 2], results)) for r in range(2)]
