@@ -191,7 +191,8 @@ def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path
             config, record_dir=str(record), nan_loss_at={1: 1}, metrics_linger=3.0)))
         runner.start()
         deadline = time.monotonic() + 300
-        while "step-00000004/manifest.json" not in list_prefix(checkpoint_url(config)) and time.monotonic() < deadline:
+        while "step-00000004/manifest.json" not in list_prefix(checkpoint_url(config)):
+            assert time.monotonic() < deadline, "step 4 never committed"
             time.sleep(0.3)
         time.sleep(2.0)  # scraped at least once past the commit
         pid = re.findall(r"start 0 pid (\d+)", open(record / "rank-1.log").read())[0]
