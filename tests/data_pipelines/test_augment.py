@@ -132,13 +132,16 @@ def test_uint8_batches_normalise_to_the_float_batches_and_resume_the_same(small_
 
 def test_float_buffers_are_reused_only_once_no_batch_references_them(small_shards, s3):
     settings = dict(batch_size=4, image_size=32, num_workers=2, seed=3, factory=s3)
-    held = list(ShardLoader(small_shards, **settings))  # every batch kept: none may be overwritten
-    copies = [b["image"].clone() for b in held]
+    held, copies = [], []  # every batch kept: none may be overwritten by a later one
+    for batch in ShardLoader(small_shards, **settings):
+        held.append(batch)
+        copies.append(batch["image"].clone())  # as it was handed out
+    del batch
     assert len({b["image"].data_ptr() for b in held}) == len(held)
     dropped, addresses = ShardLoader(small_shards, **settings), set()
     for batch, original in zip(dropped, copies, strict=True):
         assert torch.equal(batch["image"], original)
         addresses.add(batch["image"].data_ptr())
         del batch
-    assert all(torch.equal(b["image"], c) for b, c in zip(held, copies))
+    assert all(torch.equal(b["image"], c) for b, c in zip(held, copies))  # as handed out, after both loaders
     assert len(addresses) <= 2  # the loader's float buffers, reused (the `batch` being replaced holds one)
