@@ -88,7 +88,15 @@ def test_adapt_pretrained_loads_strictly_into_a_384px_model_with_other_classes()
 def test_adapt_pretrained_drops_masked_patch_parameters():
     state = pretrained_state(masked_patch_prediction=True)
     finetune = build_model("ViT-Mu/4", num_classes=10, image_size=48)
-    finetune.load_state_dict(adapt_pretrained(state, finetune), strict=True)
+    adapted = adapt_pretrained(state, finetune)
+    finetune.load_state_dict(adapted, strict=True)
+    dropped = state.keys() - adapted.keys()
+    assert dropped and all(not k.startswith(("blocks.", "patch_embed.", "norm.")) for k in dropped), dropped
+    # The encoder is the pretrained one, weight for weight; only the new head starts at zero.
+    for key, value in finetune.state_dict().items():
+        if key.startswith(("blocks.", "patch_embed.", "norm.")):
+            assert torch.equal(value, state[key]), key
+    assert not finetune.head.weight.any()
 
 
 def test_adapt_pretrained_keeps_a_matching_checkpoint_as_is():
