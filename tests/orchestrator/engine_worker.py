@@ -163,7 +163,9 @@ def adamw() -> None:
             trained = [p.detach().clone() for p in engine.module.parameters()]
         result[stage] = {
             "optimizer": type(base).__name__, "fused": base.defaults.get("fused"), "min_norm": min(norms),
-            "weight_decay": run.weight_decay,
+            # What the engine's optimizer applies, not what the config asked for.
+            "weight_decay": min(group["weight_decay"] for group in base.param_groups),
+            "asked_weight_decay": run.weight_decay,
             "max_difference": max(float((a - b).abs().max()) for a, b in zip(trained, reference.parameters())),
             "moved": max(float((a - b).abs().max()) for a, b in zip(trained, fresh_model().parameters())),
         }

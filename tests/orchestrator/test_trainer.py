@@ -43,4 +43,5 @@ def test_the_local_scaling_policy_requests_nothing_from_an_autoscaler():
     assert policy._coordinator_client is None
     decision = policy.make_decision_for_non_running_worker_group()  # the base class asserts a client
     assert decision.num_workers == 3
-    policy._cancel_resource_request()
+    assert policy._cancel_resource_request() is None  # the base class would call the coordinator here
+    assert policy._coordinator_client is None
