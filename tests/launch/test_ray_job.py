@@ -52,8 +52,12 @@ def head(s3_server, tmp_path_factory):
     # own (with the head's, the worker node's runtime-env agent would delete the working_dir
     # files the driver runs in when its workers end). Short: Ray's socket paths live under it.
     worker_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Every port either node listens on is picked free (Ray's defaults, e.g. the client server's
+    # 10001 and the dashboard agent's 52365, may be taken on a shared machine).
     nodes = [["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-              "--dashboard-host=127.0.0.1", *(f"--{k}={v}" for k, v in head_params.items())],
+              "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
+              f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+              f"--runtime-env-agent-port={free_port()}", *(f"--{k}={v}" for k, v in head_params.items())],
              [f"--address=127.0.0.1:{gcs}", "--num-cpus=3", f"--dashboard-agent-listen-port={free_port()}",
               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
               f"--temp-dir={worker_temp}"]]
