@@ -33,9 +33,15 @@ def start_ranks(s3_server, world, *args, environment=None):
 
 def finish(procs, timeout=240):
     outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        outputs.append(out)
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    except subprocess.TimeoutExpired:  # a hung rank: none of them outlives the test
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
     return [p.returncode for p in procs], outputs
 
 
