@@ -237,7 +237,9 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
         lease.release()
     if result.error is not None:
         raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
-    return dict(result.metrics or {})
+    # Rank 0's last progress row, as the bar took it at the end (Ray Train v2's result.metrics
+    # is None when the workers reported without a checkpoint).
+    return dict(progress.last or result.metrics or {})
 
 
 def _take_the_run(config: PretrainConfig, log: Callable[[str], None]):

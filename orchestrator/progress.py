@@ -70,6 +70,7 @@ class Progress(str):
     worker reported with report_fatal, once the driver has seen it."""
 
     fatal: str | None = None
+    last: dict | None = None  # the newest row rank 0 reported (run_pretraining returns it)
 
 
 @contextlib.contextmanager
@@ -106,7 +107,7 @@ def progress_bar(ray, run: str, *, total: int, initial: int = 0, interval: float
             _thread.interrupt_main(signal.SIGINT)
         if row is None or row == last[0]:
             return
-        last[0] = row
+        last[0] = key.last = row
         bar.update(int(row.get("step", bar.n)) - bar.n)
         bar.set_postfix(describe(row), refresh=True)
 

@@ -83,6 +83,8 @@ def test_loss_falls_with_two_workers(cluster, stage, capfd, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     metrics = run_pretraining(config)
     monkeypatch.undo()
+    # What it returns: rank 0's last progress row, at the run's last step.
+    assert metrics["step"] == 24 and metrics["loss"] > 0 and metrics["nonfinite_total"] == 0, metrics
     # On a terminal, the driver's bar follows rank 0's progress lines (every 4 steps) to the end.
     drawn = terminal.getvalue()
     assert re.search(rf"pretraining zero-{stage}: +0%.* 0/24 ", drawn), drawn[-2000:]
