@@ -34,7 +34,9 @@ import uuid
 from email.utils import parsedate_to_datetime
 from typing import Callable
 
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, client_error, is_s3_url, parse_s3_url, s3_errors
+from data_pipelines.s3 import (
+    DataSourceError, S3ClientFactory, client_error, error_code, is_s3_url, parse_s3_url, s3_errors,
+)
 
 TTL_SECONDS = 120.0
 
@@ -70,7 +72,7 @@ class RunLease:
             response = self.factory.client().put_object(Bucket=location.bucket, Key=location.prefix, Body=self._body(),
                                                         ContentType="application/json", **condition)
         except s3_errors() as error:
-            code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
+            code = error_code(error)
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return None
             raise client_error(error, self.url) from None
@@ -83,7 +85,7 @@ class RunLease:
             response = self.factory.client().get_object(Bucket=location.bucket, Key=location.prefix)
             body = response["Body"].read()
         except s3_errors() as error:
-            code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
+            code = error_code(error)
             if code in ("NoSuchKey", "404"):
                 return None
             raise client_error(error, self.url) from None
@@ -111,8 +113,7 @@ class RunLease:
                     continue
                 if not _stale(holder, age, self.ttl):
                     raise LeaseHeld(_held_line(self.url, holder, age)) from None
-                self.log(f"taking over the run from a driver that is gone (its lease last renewed {age:.0f} s ago; "
-                         f"{_who(holder)})")
+                self.log(_taking_over(holder, age))
                 os.remove(self.url)
                 continue
             with os.fdopen(fd, "wb") as f:
@@ -141,8 +142,7 @@ class RunLease:
                 raise LeaseHeld(_held_line(self.url, holder, age))
             etag = self._put(IfMatch=their_etag)  # a stale lease: take it over, unless another did first
             if etag is not None:
-                self.log(f"taking over the run from a driver that is gone (its lease last renewed {age:.0f} s ago; "
-                         f"{_who(holder)})")
+                self.log(_taking_over(holder, age))
                 self._etag = etag
                 return
         raise LeaseHeld(f"{self.url}: another driver keeps taking this run's lease")
@@ -229,6 +229,10 @@ def _stale(holder: dict, age: float, ttl: float) -> bool:
         except PermissionError:  # alive, another user's
             return False
     return False
+
+
+def _taking_over(holder: dict, age: float) -> str:
+    return f"taking over the run from a driver that is gone (its lease last renewed {age:.0f} s ago; {_who(holder)})"
 
 
 def _who(holder: dict) -> str:
