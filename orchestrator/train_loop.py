@@ -83,7 +83,7 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
         starts_prefix: where rank 0 records each start of the worker group
             (metrics.WorkerGroupStarts; the driver's restart counter).
         fail_at_step: fault injection for tests: {"step": n, "how": "raise" | "kill" | "revoke"}
-            (_Worker._inject_failure).
+            (_Worker._inject_failure) or "corrupt" (_Worker._corrupt_fault).
         trial_gate: a fine-tuning trial's: the name of the fan-out's TrialGate actor, whose
             turn the ranks wait for, ready to train (orchestrator/trial_gate.py).
         progress: a pretraining run's: the key under which rank 0 puts each progress row for
@@ -221,6 +221,7 @@ class _Worker:
 
         self.run_config = run_config_of(config)
         self.fail_at_step = config.get("fail_at_step")  # fault injection for tests (worker_config)
+        self._corrupted = False
         self.rank, self.world_size = rank, world_size
         self.record_dir = config.get("record_dir")
         self.starts_prefix = config.get("starts_prefix")
@@ -356,6 +357,7 @@ class _Worker:
                 self._step_metrics()
                 continue
             self.step += 1
+            self._corrupt_fault()
             self.images_seen += run.micro_batch_size * run.gradient_accumulation_steps
             last_loss = sum(losses) / len(losses)
             self._step_metrics(loss=last_loss, lr=lr, seconds=time.perf_counter() - step_began)
@@ -548,7 +550,7 @@ class _Worker:
         {...}}: from step n this process's S3 clients take their credentials from that
         environment instead (credentials revoked mid-run: the server itself then refuses)."""
         fault = self.fail_at_step
-        if not fault or self.step != fault["step"] or self.rank != 0:
+        if not fault or self.step != fault["step"] or self.rank != 0 or fault["how"] == "corrupt":
             return
         if fault["how"] == "revoke":
             os.environ.update(fault["environment"])  # S3ClientFactory makes new clients under it
@@ -562,6 +564,19 @@ class _Worker:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _corrupt_fault(self) -> None:
+        """Tests' fault {"step": n, "how": "corrupt"}: once step n's update is done, rank 0's copy
+        of one parameter turns NaN, once (not again after a rollback): memory corrupted behind
+        the optimizer's back (silent data corruption, as large fleets see), with finite losses
+        and gradients up to there, so that only the commit's own check (_save) keeps the step
+        from being committed."""
+        fault = self.fail_at_step
+        if not fault or fault["how"] != "corrupt" or self.step != fault["step"] or self.rank != 0 or self._corrupted:
+            return
+        self._corrupted = True
+        with torch.no_grad():
+            next(self.engine.module.parameters()).view(-1)[0] = float("nan")
 
     def _finish_trial(self) -> None:
         """A fine-tuning trial's end: its evaluation, the final stage's weights, and

@@ -286,14 +286,21 @@ def test_bf16_rolls_back_an_update_that_made_the_parameters_non_finite_and_stops
     applies an update whatever its gradient norm: NaN gradients after step 5 make the parameters
     non-finite, the worker rolls back to step 4 and the run finishes finite. The same before the
     first checkpoint has nothing to roll back to: the run stops with one line, not retried (the
-    same seed and data would diverge the same way)."""
+    same seed and data would diverge the same way).
+
+    Then a parameter corrupted after step 8's update (rank 0's copy turns NaN: memory corrupted
+    behind the optimizer's back, losses and gradients finite up to there): the commit's own check
+    refuses to checkpoint step 8 and every rank rolls back to step 4 again."""
     from orchestrator.pretraining import TrainingError
 
     config = config_for(cluster, "bf16", precision="bf16", max_steps=8, checkpoint_every=4, log_every=2)
-    run_pretraining(config, nan_grad_at={5: 1})
+    run_pretraining(config, nan_grad_at={5: 1}, fault={"step": 8, "how": "corrupt"})
     out = capfd.readouterr().out
     assert "step 6: non-finite gradient norm made the parameters non-finite (1 non-finite in all): rolling back" in out
-    assert "rolled back from step 5 to step 4" in out and re.search(r"step 8 nonfinite_total 1 rollbacks 1 .*loss \d", out)
+    assert "rolled back from step 5 to step 4" in out
+    assert "step 8: parameters are not finite; not checkpointing, rolling back" in out, out
+    assert "rolled back from step 8 to step 4" in out and re.search(r"step 8 nonfinite_total 1 rollbacks 2 .*loss \d", out)
+    assert out.count("checkpoint step 8 committed") == 1, out[-3000:]
     assert "step-00000008/manifest.json" in list_prefix(checkpoint_url(config))
     early = config_for(cluster, "bf16-early", precision="bf16", max_steps=8, checkpoint_every=4, max_failures=3)
     with pytest.raises(TrainingError, match=r"^training failed, not retried: rank \d: after step 1: the run went non-finite "
