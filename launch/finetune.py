@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except finetuning.FanoutStopped as err:
+        print(f"finetune.py: {err}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         print("finetune.py: interrupted: finished trials keep their results; the same command runs the rest",
               file=sys.stderr)

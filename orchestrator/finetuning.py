@@ -39,6 +39,7 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import pydantic
@@ -46,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import recipes
 from orchestrator.config import ConfigError, TrialConfig, _one_line
+from orchestrator.pretraining import TrainingError
 
 OUTPUT = "runs"  # local folder for the results (gitignored), as the dry run's
 _DATASET_DIRS = {
@@ -324,18 +326,24 @@ def _trial_driver(params: dict) -> None:
     from ray import tune
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+    from orchestrator.progress import fatal_reported, forget_fatal
     from orchestrator.ray_workers import train_controller_env
     from orchestrator.train_loop import train_loop, worker_config
-    from orchestrator.trainer import build_trainer
+    from orchestrator.trainer import NotRetried, build_trainer
 
     config = TrialConfig.model_validate(params["trial"])
     os.environ.update(train_controller_env())  # Ray Train hands it on to the trial's controller
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
     staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+    # A rank's error that a restart cannot cure (a refusal from S3, a trial that diverged before
+    # its first checkpoint: a sweep's too-high LR) ends the trial at once, not after max_failures.
+    fatal = f"trial-fatal/{config.trial}/{uuid.uuid4().hex}"
     trainer = build_trainer(
         train_loop,
         train_loop_config=worker_config(config, staging_dir=staging, fail_at_step=params["faults"].get(config.trial),
-                                        record_dir=params.get("record_dir"), trial_gate=params.get("gate")),
+                                        record_dir=params.get("record_dir"), trial_gate=params.get("gate"),
+                                        fatal=fatal),
+        fatal_key=fatal,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         # Ray Train's own notices at WARNING: its five lines a trial at INFO (the worker group
@@ -346,8 +354,13 @@ def _trial_driver(params: dict) -> None:
         local=params["local"],
     )
     try:
-        trainer.fit()  # raises when the trial keeps failing past max_failures
+        trainer.fit()  # raises when the trial keeps failing past max_failures, or at once (fatal)
+    except Exception:
+        if (line := fatal_reported(fatal)) is not None:
+            raise NotRetried(f"{config.trial}: failed, not retried: {line}") from None
+        raise
     finally:
+        forget_fatal(fatal)
         if params.get("gate"):  # rank 0 gave the turn back with its result.json; not if it failed
             from orchestrator.trial_gate import leave
 
@@ -570,6 +583,7 @@ def _run_trials(queue: _TrialQueue, *, settings: FanoutSettings, ray_local: bool
     import ray
     from ray import tune
 
+    from orchestrator.trainer import NotRetried
     from orchestrator.trial_gate import TrialGate
 
     turns = settings.max_concurrent_trials
@@ -601,7 +615,8 @@ def _run_trials(queue: _TrialQueue, *, settings: FanoutSettings, ray_local: bool
     for result in grid:
         name = result.config["trial"]["trial"]
         if result.error is not None:
-            errors[name] = (str(result.error).strip().splitlines() or ["failed"])[-1][:300]
+            line = (str(result.error).strip().splitlines() or ["failed"])[-1]
+            errors[name] = line.removeprefix(f"{NotRetried.__module__}.{NotRetried.__name__}: ")[:300]
     return errors
 
 
@@ -615,18 +630,52 @@ def _figure(config: TrialConfig) -> str:
 def run_fanout(settings: FanoutSettings, trials: list[Trial], *, log: Callable[[str], None] = print,
                faults: dict | None = None, record_dir: str | None = None) -> tuple[dict, str]:
     """Preflight, the sweeps, the pick, the finals, the results; returns (summary, local folder
-    of results.json/results.md/plots). Raises ConfigError (preflight) before scheduling anything."""
-    from data_pipelines.s3 import join_location
-    from data_pipelines.transfer import upload_file
-    from orchestrator import finetune_results
-    from orchestrator.pretraining import connect_ray, ray_started_here, signals_stop_the_run
-
+    of results.json/results.md/plots). Raises ConfigError (preflight, or another driver holds
+    the results' lease) before scheduling anything."""
     classes = check_data(trials, settings.data_root)
     configs = {t.name: trial_config(t, settings, classes.get(t.dataset)) for t in trials if t.lr is not None}
     records: dict[str, dict] = {}
     for name, config in configs.items():
         if (record := read_result(config)) is not None:
             records[name] = record
+    lease = _take_the_results(settings, log)  # before any cluster resource: one fan-out per results
+    try:
+        return _fan_out(settings, trials, configs, records, classes, lease, log=log, faults=faults,
+                        record_dir=record_dir)
+    finally:
+        lease.release()
+
+
+class FanoutStopped(TrainingError):
+    """The fan-out's lease was taken over by another driver: it stopped (exit status 1)."""
+
+
+def _take_the_results(settings: FanoutSettings, log: Callable[[str], None]):
+    """The fan-out's lease, `<results>/lease.json` (orchestrator/lease.py, as a pretraining run
+    takes its own): two fan-outs writing the same results would run every trial twice and
+    overwrite each other's records. ConfigError naming the driver that holds it."""
+    import _thread
+    import signal
+
+    from data_pipelines.s3 import DataSourceError, join_location
+    from orchestrator.lease import LeaseHeld, RunLease
+
+    lease = RunLease(join_location(settings.results, "lease.json"), log=log, elsewhere="another --results")
+    try:
+        lease.acquire()
+    except (LeaseHeld, DataSourceError) as error:
+        raise ConfigError(f"fine-tuning {settings.run}: {error}") from None
+    lease.start_renewing(on_lost=lambda line: _thread.interrupt_main(signal.SIGINT))
+    return lease
+
+
+def _fan_out(settings: FanoutSettings, trials: list[Trial], configs: dict, records: dict, classes: dict, lease, *,
+             log: Callable[[str], None], faults: dict | None, record_dir: str | None) -> tuple[dict, str]:
+    from data_pipelines.s3 import join_location
+    from data_pipelines.transfer import upload_file
+    from orchestrator import finetune_results
+    from orchestrator.pretraining import connect_ray, ray_started_here, signals_stop_the_run
+
     ray = connect_ray(next(iter(configs.values())) if configs else None)
     local = ray_started_here(ray)
     settings = settings.model_copy(update={"max_concurrent_trials": concurrency(ray, settings)})
@@ -644,6 +693,10 @@ def run_fanout(settings: FanoutSettings, trials: list[Trial], *, log: Callable[[
                 failed.update(_run_trials(queue, settings=settings, ray_local=local, progress=progress,
                                           faults=faults or {}, record_dir=record_dir))
             _collect(configs.values(), records, failed)
+        except KeyboardInterrupt:
+            if lease.lost:  # not a signal: the lease was taken over
+                raise FanoutStopped(f"fine-tuning stopped: {lease.lost}") from None
+            raise
         finally:
             progress.close()
             if metrics is not None:

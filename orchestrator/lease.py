@@ -51,8 +51,10 @@ class LeaseLost(RuntimeError):
 
 class RunLease:
     def __init__(self, url: str, *, ttl: float = TTL_SECONDS, factory: S3ClientFactory | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, elsewhere: str = "another --set run_name=..."):
+        """`elsewhere`: what the refusal tells the second driver to give to go its own way."""
         self.url, self.ttl, self.factory, self.log = url, ttl, factory or S3ClientFactory(), log
+        self.elsewhere = elsewhere
         self.holder = {"id": uuid.uuid4().hex[:16], "host": socket.gethostname(), "pid": os.getpid(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ttl": ttl}
         self._etag: str | None = None
@@ -112,7 +114,7 @@ class RunLease:
                 except (OSError, ValueError):
                     continue
                 if not _stale(holder, age, self.ttl):
-                    raise LeaseHeld(_held_line(self.url, holder, age)) from None
+                    raise LeaseHeld(_held_line(self.url, holder, age, self.elsewhere)) from None
                 self.log(_taking_over(holder, age))
                 os.remove(self.url)
                 continue
@@ -139,7 +141,7 @@ class RunLease:
                 continue
             holder, their_etag, age = found
             if not _stale(holder, age, self.ttl):
-                raise LeaseHeld(_held_line(self.url, holder, age))
+                raise LeaseHeld(_held_line(self.url, holder, age, self.elsewhere))
             etag = self._put(IfMatch=their_etag)  # a stale lease: take it over, unless another did first
             if etag is not None:
                 self.log(_taking_over(holder, age))
@@ -239,7 +241,7 @@ def _who(holder: dict) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
 
 
-def _held_line(url: str, holder: dict, age: float) -> str:
+def _held_line(url: str, holder: dict, age: float, elsewhere: str) -> str:
     return (f"another driver is running this run ({_who(holder)}; its lease {url} renewed {age:.0f} s ago): stop it "
-            f"first, or give this one another --set run_name=...; a driver that died leaves its lease stale after "
+            f"first, or give this one {elsewhere}; a driver that died leaves its lease stale after "
             f"{float(holder.get('ttl', TTL_SECONDS)):.0f} s, and the next start takes it over")

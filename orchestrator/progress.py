@@ -47,6 +47,27 @@ def report_fatal(key: str | None, message: str) -> None:
         internal_kv._internal_kv_put(f"{key}/fatal", message.encode(), overwrite=False, namespace=NAMESPACE)
 
 
+def fatal_reported(key: str | None) -> str | None:
+    """The line a worker reported with report_fatal under `key`, or None (none, or no store)."""
+    if not key:
+        return None
+    from ray.experimental import internal_kv
+
+    try:
+        value = internal_kv._internal_kv_get(f"{key}/fatal", namespace=NAMESPACE)
+    except Exception:
+        return None
+    return value.decode(errors="replace") if value else None
+
+
+def forget_fatal(key: str | None) -> None:
+    if key:
+        from ray.experimental import internal_kv
+
+        with contextlib.suppress(Exception):
+            internal_kv._internal_kv_del(f"{key}/fatal", namespace=NAMESPACE)
+
+
 def latest(key: str) -> dict[str, Any] | None:
     """The row rank 0 last reported under `key`, or None."""
     from ray.experimental import internal_kv

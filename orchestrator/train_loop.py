@@ -67,7 +67,7 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
                   nan_loss_at: dict[int, int] | None = None, nan_grad_at: dict[int, int] | None = None,
                   metrics_linger: float = 0.0, starts_prefix: str | None = None,
                   fail_at_step: dict | None = None, trial_gate: str | None = None,
-                  progress: str | None = None) -> dict[str, Any]:
+                  progress: str | None = None, fatal: str | None = None) -> dict[str, Any]:
     """The plain-data argument of `train_loop`.
 
     Args:
@@ -88,12 +88,15 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             turn the ranks wait for, ready to train (orchestrator/trial_gate.py).
         progress: a pretraining run's: the key under which rank 0 puts each progress row for
             its driver's bar (orchestrator/progress.py).
+        fatal: where a rank reports an error that a restart cannot cure (progress.report_fatal;
+            default: under `progress`): a fine-tuning trial's, which its trainer's
+            trainer.NoRetryOnFatal reads before Ray Train would restart the group.
     """
     return {"run": config.model_dump(mode="json"), "staging_dir": staging_dir, "record_dir": record_dir,
             "nan_loss_at": {str(k): v for k, v in (nan_loss_at or {}).items()},
             "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger,
             "starts_prefix": starts_prefix, "fail_at_step": fail_at_step, "trial_gate": trial_gate,
-            "progress": progress}
+            "progress": progress, "fatal": fatal}
 
 
 def train_augmentation(run: PretrainConfig):
@@ -191,7 +194,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if (line := _fatal_line(error)) is not None:  # the driver stops the run rather than restart it
             from orchestrator.progress import report_fatal
 
-            report_fatal(config.get("progress"), f"rank {context.get_world_rank()}: {line}")
+            report_fatal(config.get("fatal") or config.get("progress"), f"rank {context.get_world_rank()}: {line}")
         raise
 
 

@@ -20,6 +20,13 @@ On a 2-core machine, a 2-worker run whose workers only report once, from `fit()`
 result in a fresh local Ray: 16.7-17.4 s and 7 actors with them, 9.4-11.3 s and 4 actors
 without (benchmarks/run_startup.py).
 
+A trainer given a `fatal_key` also carries `NoRetryOnFatal`, a controller callback: Ray Train's
+failure policy restarts the worker group on any worker error, up to `max_failures`; when a rank
+has reported an error that a restart cannot cure (progress.report_fatal: a refusal from S3, a
+staging disk too small, a run that diverged before its first checkpoint), the callback turns
+that retry into a controller error, which the policy never retries: `fit` raises at once. (A
+pretraining driver stops its run on the same report itself: orchestrator/progress.py.)
+
 These are Ray Train's internal classes (`ray==2.60`, the version constraints.txt pins). Where
 a Ray release moves them, `build_trainer` falls back to the plain TorchTrainer with every
 helper, and tests/orchestrator/test_pretraining.py fails on the helpers it then finds.
@@ -32,9 +39,15 @@ from ray.train.torch import TorchTrainer
 try:
     from ray.train.v2._internal.callbacks import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 except ImportError:  # another Ray: the plain TorchTrainer
     FixedScalingPolicy = None
+
+
+class NotRetried(RuntimeError):
+    """A rank's error that restarting the workers cannot cure: its one line."""
 
 
 if FixedScalingPolicy is not None:
@@ -55,13 +68,27 @@ if FixedScalingPolicy is not None:
         def _cancel_resource_request(self) -> None:
             pass
 
+    class NoRetryOnFatal(ControllerCallback):
+        """In the run's controller: a retry of the worker group becomes a controller error
+        (raised here: Ray Train's policy does not retry those) once a rank has reported a
+        fatal line under `key`."""
+
+        def __init__(self, key: str):
+            self.key = key
+
+        def before_controller_execute_failure_decision(self, failure_decision) -> None:
+            from orchestrator.progress import fatal_reported
+
+            if failure_decision == FailureDecision.RETRY and (line := fatal_reported(self.key)):
+                raise NotRetried(line)
+
     class LeanTorchTrainer(TorchTrainer):
         """TorchTrainer without the helpers above: no DatasetManager when there are no
         datasets; on a local Ray (`local=True`) no PlacementGroupCleaner and no autoscaler
-        coordinator either."""
+        coordinator either; with `fatal_key`, NoRetryOnFatal."""
 
-        def __init__(self, *args, local: bool, **kwargs):
-            self._local = local
+        def __init__(self, *args, local: bool, fatal_key: str | None = None, **kwargs):
+            self._local, self._fatal_key = local, fatal_key
             super().__init__(*args, **kwargs)
 
         def _create_default_callbacks(self):
@@ -70,7 +97,8 @@ if FixedScalingPolicy is not None:
                     return bool(self.datasets)
                 return not (self._local and isinstance(callback, PlacementGroupCleanerCallback))
 
-            return [c for c in super()._create_default_callbacks() if wanted(c)]
+            kept = [c for c in super()._create_default_callbacks() if wanted(c)]
+            return kept + ([NoRetryOnFatal(self._fatal_key)] if self._fatal_key else [])
 
         def _initialize_and_run_controller(self, **kwargs):
             if self._local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
@@ -84,10 +112,11 @@ def _knows_this_ray() -> bool:
 
 
 def build_trainer(train_loop: Callable[[dict], Any], *, train_loop_config: dict, scaling_config, run_config,
-                  local: bool) -> TorchTrainer:
+                  local: bool, fatal_key: str | None = None) -> TorchTrainer:
     """A TorchTrainer for `train_loop`; `local` says that the Ray it runs on is one this
-    process started (and that goes with it)."""
+    process started (and that goes with it); `fatal_key`: where ranks report fatal errors
+    (NoRetryOnFatal; the same key as train_loop_config's "fatal")."""
     kwargs = dict(train_loop_config=train_loop_config, scaling_config=scaling_config, run_config=run_config)
     if not _knows_this_ray():
         return TorchTrainer(train_loop, **kwargs)
-    return LeanTorchTrainer(train_loop, local=local, **kwargs)
+    return LeanTorchTrainer(train_loop, local=local, fatal_key=fatal_key, **kwargs)

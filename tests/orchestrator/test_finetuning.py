@@ -63,12 +63,14 @@ def records_in(results):
 
 def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table(cluster, export, tmp_path, capfd):
     """One fan-out: the digits' sweep, the pick, the final; a VTAB trial whose worker is SIGKILLed
-    once (it resumes from its checkpoint and finishes) and one that fails at every attempt (marked
-    failed while the others finish). Run again, only the failed trial is scheduled."""
+    once (it resumes from its checkpoint and finishes) and one that goes non-finite before its
+    first checkpoint (a parameter turns NaN after step 13: a restart would diverge the same way,
+    so it fails at once, not after max_failures, and is marked failed while the others finish).
+    Run again, only the failed trial is scheduled."""
     bucket, _ = cluster
     results = f"{bucket}/fanout"
     faults = {"VTAB/DTD/final-lr0.01": {"step": 26, "how": "kill"},
-              "VTAB/Caltech101/final-lr0.01": {"step": 2, "how": "raise"}}
+              "VTAB/Caltech101/final-lr0.01": {"step": 13, "how": "corrupt"}}
     summary, out = finetuning.run_fanout(settings(export, results), plan(), faults=faults, record_dir=str(tmp_path))
     printed = capfd.readouterr().out
     records = records_in(results)
@@ -98,6 +100,11 @@ def test_the_fan_out_sweeps_picks_on_held_out_data_retrains_and_writes_the_table
     # The failing trial is marked failed, the fan-out is incomplete.
     assert summary["datasets"]["VTAB/Caltech101"]["status"] == "failed" and not summary["complete"]
     assert "trial VTAB/Caltech101/final-lr0.01 failed" in printed
+    # Not retried (max_failures=1 would have run it twice): one attempt, one line saying why.
+    assert printed.count("step 13: parameters are not finite; not checkpointing") == 1, printed[-4000:]
+    error = summary["datasets"]["VTAB/Caltech101"]["error"]
+    assert re.fullmatch(r"VTAB/Caltech101/final-lr0.01: failed, not retried: rank 0: after step 13: the run went "
+                        r"non-finite before its first checkpoint, .*", error), error
     # The table, JSON and plot, here and on S3; finished trials' checkpoints are gone.
     assert {"results.json", "results.md", "sweep-cifar10.png"} <= set(os.listdir(out))
     on_s3 = list_prefix(results)
@@ -142,6 +149,17 @@ def test_bad_input_is_refused_before_anything_is_scheduled(cluster, export):
         finetuning.read_weights_record(f"{bucket}/nothing/weights/model.safetensors")
     with pytest.raises(ConfigError, match="'Food101'"):
         finetuning.select_datasets("CIFAR10,Food101")
+    # A second fan-out writing the same results: refused, naming the first (a live driver holds
+    # the lease: this process), before any trial is looked at or scheduled.
+    from orchestrator.lease import RunLease
+
+    results = f"{bucket}/fanout-held"
+    with RunLease(f"{results}/lease.json"):
+        with pytest.raises(ConfigError, match=rf"^fine-tuning ft-source: another driver is running this run \(host \S+, "
+                                              rf"pid {os.getpid()}, .*give this one another --results;"):
+            finetuning.run_fanout(settings(export, results), plan(["VTAB/DTD"]))
+        assert list(list_prefix(results)) == ["lease.json"]
+    assert not list_prefix(results)
 
 
 def test_exported_weights_load_adapted_and_nothing_else_loads(tmp_path):
