@@ -246,8 +246,22 @@ def describe_client_error(error: Exception, url: str) -> str:
         "SignatureDoesNotMatch": "the signature does not match: wrong secret key",
         "NoCredentialsError": "no credentials found (environment, profile or IAM role)",
         "EndpointConnectionError": "cannot connect to the S3 endpoint",
+        "ConnectTimeoutError": "no connection to the S3 endpoint within the connect timeout, after retries "
+                               "(VITSCALE_S3_CONNECT_TIMEOUT sets it)",
+        "ReadTimeoutError": "the S3 endpoint did not answer within the read timeout, after retries "
+                            "(VITSCALE_S3_READ_TIMEOUT sets it)",
     }.get(code, "")
+    endpoint = str((getattr(error, "kwargs", None) or {}).get("endpoint_url") or "")
+    if meaning and endpoint:  # its host, never a user:password@ it might carry
+        meaning = meaning.replace("the S3 endpoint", f"the S3 endpoint {_without_userinfo(endpoint)}")
     return f"{url}: {code}{': ' + meaning if meaning else ''}"
+
+
+def _without_userinfo(endpoint: str) -> str:
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(endpoint)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def list_objects(factory: S3ClientFactory, location: S3Location) -> list[tuple[str, int]]:

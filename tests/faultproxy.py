@@ -4,6 +4,8 @@ real HTTP rather than patched exceptions.
     with FaultProxy(s3_server.endpoint_url) as proxy:
         proxy.add("GET", r"/bucket/data/shard-00001\\.tar", "503", times=2)    # SlowDown, twice
         proxy.add("GET", r"\\.tar$", "reset", times=1)      # headers and half the body, then a TCP reset
+        proxy.add("PUT", r"partNumber=2", "reset", times=1)  # an upload's request read, then a reset:
+                                                            # the server never sees it
         proxy.add("GET", r"\\.tar$", "stall", seconds=5)    # answers nothing for 5 s, then closes
         proxy.add("PUT", r"/bucket/ckpt/", "403")           # AccessDenied for good (times=None)
         factory = S3ClientFactory(endpoint_url=proxy.endpoint_url, ..., read_timeout=1)
@@ -131,6 +133,12 @@ class FaultProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
+                    return
+                if rule is not None and rule.fault == "reset" and self.command in ("PUT", "POST"):
+                    # An upload (a PUT, a multipart part) whose connection drops before any answer:
+                    # the request is read, never forwarded, and the connection reset.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
                     return
                 if rule is not None and rule.fault == "stall":
                     time.sleep(rule.seconds)

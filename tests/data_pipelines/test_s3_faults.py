@@ -2,7 +2,9 @@
 answers 503 SlowDown, 500, 403, resets connections mid-body and stalls, over real HTTP."""
 
 import dataclasses
+import hashlib
 import logging
+import os
 
 import pytest
 
@@ -63,6 +65,81 @@ def test_uploads_and_reads_through_503s_and_resets_arrive_intact(s3_server, prox
     assert read_bytes(f"{bucket}/up/object.bin", factory) == data
     assert [proxy.count(f) for f in ("503", "stall", "reset", "500")] == [2, 1, 1, 1], proxy.served
     assert read_bytes(f"{bucket}/up/object.bin", s3_server.client_factory()) == data  # on the server, whole
+
+
+def test_multipart_uploads_through_a_part_reset_mid_request_and_a_503_arrive_intact(s3_server, proxy, tmp_path):
+    """A checkpoint's files go up as multipart uploads (16 MiB parts): a part whose connection
+    is reset before the server saw it, and another answered 503, are sent again by the transfer,
+    from the same bytes: a file's (upload_file) and a memory image's (upload_images, whose parts
+    are read from the image in place)."""
+    from data_pipelines.transfer import MemoryImage, sha256_file, upload_file, upload_images
+
+    bucket = s3_server.create_bucket("vitscale-faults")
+    factory = through(proxy, s3_server)
+    data = os.urandom(40 << 20)  # three parts
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    image = MemoryImage(stable=[(_address(data), len(data))])
+    image.write(data)
+    image.close()
+    assert image.kept_bytes == len(data)  # the image holds the bytes by reference, not a copy
+    for name in ("file.bin", "image.bin"):
+        proxy.add("PUT", rf"/multipart/{name}\?.*partNumber=2", "reset", times=1)
+        proxy.add("PUT", rf"/multipart/{name}\?.*partNumber=3", "503", times=1)
+    assert upload_file(str(path), f"{bucket}/multipart/file.bin", factory) == sha256_file(str(path))
+    [digest] = upload_images([(image, f"{bucket}/multipart/image.bin")], factory)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert [proxy.count(f) for f in ("reset", "503")] == [2, 2], proxy.served
+    for name in ("file.bin", "image.bin"):  # on the server, whole, and no upload left open
+        assert read_bytes(f"{bucket}/multipart/{name}", s3_server.client_factory()) == data
+    assert not s3_server.client_factory().client().list_multipart_uploads(Bucket="vitscale-faults").get("Uploads")
+
+
+def _address(data: bytes) -> int:
+    import numpy as np
+
+    return np.frombuffer(data, dtype=np.uint8).ctypes.data
+
+
+def test_a_connect_that_never_completes_times_out_in_seconds(s3_server, monkeypatch):
+    """An endpoint that takes no connection (its accept queue full: SYNs go unanswered, as a
+    black-holed address does): the client gives up after its connect timeout and its retries,
+    with one line, instead of botocore's 60 s per attempt."""
+    import socket
+    import threading
+
+    from data_pipelines.s3 import S3ClientFactory
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=2)  # the one the queue holds
+    with pytest.raises(OSError):  # the next connect hangs: the endpoint is black-holed
+        socket.create_connection(("127.0.0.1", port), timeout=0.5)
+    factory = dataclasses.replace(s3_server.client_factory(), endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=0.5)
+    assert S3ClientFactory().connect_timeout is None  # the default comes from CONNECT_TIMEOUT: 5 s
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # botocore's retries, fewer (the user's setting, honoured)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_bytes("s3://vitscale-faults/anything", factory)
+        except BaseException as error:  # noqa: BLE001 (handed to the test's thread)
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)  # botocore's default: 60 s per attempt
+    try:
+        assert not reader.is_alive(), "the read still waits for a connection after 60 s: no connect timeout"
+        [error] = outcome
+        assert isinstance(error, DataSourceError) and not error.permanent, error
+        assert f"127.0.0.1:{port}" in str(error) and "timeout" in str(error).lower(), error
+        assert "\n" not in str(error) and s3_server.secret_access_key not in str(error)
+    finally:
+        filler.close()
+        server.close()
 
 
 def test_a_refusal_is_not_retried_and_says_so(s3_server, proxy):
