@@ -87,6 +87,10 @@ STREAM_RETRIES = 3
 FLOAT_BUFFERS = 3  # float32 batch buffers a loader keeps for reuse
 
 
+class StaleDataPosition(ValueError):
+    """A loader state (a checkpoint's data position) that names shards the manifest no longer has."""
+
+
 def _stream_errors() -> tuple[type[BaseException], ...]:
     """Errors of a connection that dropped mid-object: worth reopening the shard."""
     from botocore.exceptions import BotoCoreError
@@ -432,7 +436,10 @@ class ShardLoader:
         known = {s.name for s in self.manifest.shards}
         unknown = sorted(set(merged["consumed"]) - known)
         if unknown:
-            raise ValueError(f"loader state names shards not in {self.source}: {', '.join(unknown[:3])}")
+            raise StaleDataPosition(
+                f"the checkpoint's data position names {len(unknown)} shards that {self.source}'s manifest no longer "
+                f"lists ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): the data was rewritten under "
+                f"the run; resume it on the data it trained on, or start a new run (another --set run_name=...)")
         self.epoch, self.consumed = merged["epoch"], merged["consumed"]
 
     def remaining_samples(self) -> int | None:

@@ -34,6 +34,7 @@ import mmap
 import os
 import shutil
 import threading
+from typing import Callable
 
 from data_pipelines.s3 import (
     DataSourceError, S3ClientFactory, client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
@@ -689,8 +690,11 @@ def delete_prefix(url: str, factory: S3ClientFactory | None = None) -> int:
     return count
 
 
-def abort_multipart_uploads(url: str, factory: S3ClientFactory | None = None) -> int:
-    """Abort the unfinished multipart uploads under the prefix (parts left by a killed writer)."""
+def abort_multipart_uploads(url: str, factory: S3ClientFactory | None = None, *,
+                            where: Callable[[str], bool] | None = None) -> int:
+    """Abort the unfinished multipart uploads under the prefix (parts left by a killed writer);
+    `where(name)`, given each upload's key relative to the prefix, picks which. One listing of
+    the prefix's open uploads (paginated), whatever number of objects it holds."""
     if not is_s3_url(url):
         return 0
     location = parse_s3_url(url)
@@ -700,6 +704,8 @@ def abort_multipart_uploads(url: str, factory: S3ClientFactory | None = None) ->
     try:
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=location.bucket, Prefix=prefix):
             for upload in page.get("Uploads", []):
+                if where is not None and not where(upload["Key"][len(prefix):]):
+                    continue
                 client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 count += 1
     except s3_errors() as error:

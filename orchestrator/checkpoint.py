@@ -718,9 +718,13 @@ class CheckpointManager:
         if self.keep_every:
             kept |= {s for s in committed if s % self.keep_every == 0}
         doomed = [s for s in committed if s not in kept and s < newest] + [s for s in partial if s < newest]
+        # Open multipart uploads below the new commit are a killed writer's (no rank uploads an
+        # older step once every rank has reported this one; one driver per run): aborted, also
+        # under a step that has no object at all, whose every file was still in flight, and
+        # which the listing of steps therefore does not show.
+        abort_multipart_uploads(self.url, self.factory, where=lambda name: _step_of(name) < newest)
         for step in sorted(doomed):
             url = join_location(self.url, step_name(step))
-            abort_multipart_uploads(url, self.factory)
             # The manifest goes first: a crash half-way leaves a partial step, never a
             # manifest whose files are gone.
             if step in committed:
@@ -999,6 +1003,13 @@ def fits_in_memory(size: int, room: int | None) -> bool:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _step_of(name: str) -> int:
+    """The step of a name under a checkpoint URL ("step-00000004/..."); for any other name (the
+    lease, ...) a number above every step, so that retention never takes it for an old step."""
+    match = _STEP_DIR.match(name.partition("/")[0])
+    return int(match.group(1)) if match else 1 << 62
 
 
 def list_steps(url: str, factory: S3ClientFactory | None = None) -> tuple[list[int], list[int]]:

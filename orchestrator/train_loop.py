@@ -201,9 +201,11 @@ def train_loop(config: dict[str, Any]) -> None:
 def _fatal_line(error: BaseException) -> str | None:
     """The one line of an error that restarting the workers cannot cure, else None."""
     from data_pipelines.s3 import DataSourceError
+    from data_pipelines.stream import StaleDataPosition
     from orchestrator.checkpoint import RefusedError
 
-    if isinstance(error, (RefusedError, NoDataError, DivergedError)) or (isinstance(error, DataSourceError) and error.permanent):
+    if isinstance(error, (RefusedError, NoDataError, DivergedError, StaleDataPosition)) or (
+            isinstance(error, DataSourceError) and error.permanent):
         return str(error)
     return None
 

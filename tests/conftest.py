@@ -1,5 +1,9 @@
 """Fixtures shared by every test folder: one real S3 server (SeaweedFS on 127.0.0.1) per session."""
 
+import os
+import signal
+import subprocess
+
 import pytest
 
 from data_pipelines.embedded_s3 import EmbeddedS3
@@ -18,6 +22,33 @@ def free_port() -> int:
         pass
     _handed_out.add(port)
     return port
+
+
+def run_process(args, *, timeout: float, capture_output: bool = False, text: bool = False, input=None,
+                **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, the child in a session of its own: when it outlives `timeout`, its whole
+    process group is killed (a CLI's local Ray, its S3 server, its workers), not only the child
+    as subprocess.run does, and TimeoutExpired is raised with what it printed."""
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    with subprocess.Popen(args, start_new_session=True, text=text, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(process.pid)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(process.args, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL to the process group `pid` leads (a child started with start_new_session)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")

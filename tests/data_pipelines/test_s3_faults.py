@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 
 import pytest
 
@@ -49,6 +50,31 @@ def test_a_stream_through_503s_a_500_a_reset_and_a_stall_yields_every_sample_onc
     # The 503s, the 500 and the stall were retried by botocore's retry mode; the reset came
     # mid-body, after the response began, where only the stream's own reopening helps.
     assert "shard shard-000002.tar: " in caplog.text and "reopening (1 of 3)" in caplog.text
+
+
+def test_a_shard_that_keeps_dropping_its_connection_is_given_up_after_its_retries_and_counted(s3_server, proxy,
+                                                                                             caplog):
+    """Every read of one shard reset mid-body: it is reopened STREAM_RETRIES times, then given up
+    with one line naming the positions lost; what it did yield and every other shard come
+    through once, and the loss is counted (the run's missing-samples figure), not raised."""
+    from data_pipelines.stream import STREAM_RETRIES
+
+    bucket = s3_server.create_bucket("vitscale-faults")
+    source = f"{bucket}/given-up"
+    write_synthetic("classification", source, num_samples=64, num_classes=4, image_size=16, samples_per_shard=16,
+                    factory=s3_server.client_factory())
+    proxy.add("GET", r"/given-up/shard-000001\.tar", "reset")  # for good
+    loader = ShardLoader(source, batch_size=8, augmentation="eval", image_size=16, num_workers=0,
+                         factory=through(proxy, s3_server))
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.stream"):
+        keys = [key for batch in loader for key in batch["key"]]
+    assert proxy.count("reset") == STREAM_RETRIES + 1, proxy.served
+    assert f"reopening ({STREAM_RETRIES} of {STREAM_RETRIES})" in caplog.text
+    [lost] = [line for line in caplog.text.splitlines() if "shard shard-000001.tar unreadable after" in line]
+    first_lost = int(re.search(r"positions (\d+)-15 lost", lost).group(1))
+    assert 0 < first_lost < 16  # half a shard's bytes came through each time: its first samples did
+    assert loader.stats["short_shards"] == 1 and loader.stats["missing_samples"] == 16 - first_lost
+    assert len(keys) == len(set(keys)) == 64 - (16 - first_lost)
 
 
 def test_uploads_and_reads_through_503s_and_resets_arrive_intact(s3_server, proxy):

@@ -4,7 +4,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
@@ -16,13 +15,14 @@ from data_pipelines.manifest import load_shard_list
 from data_pipelines.s3 import parse_s3_url
 from data_pipelines.shard_writer import make_shards
 from data_pipelines.synthetic import write_synthetic
+from tests.conftest import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "make_shards.py")
 
 
 def make_shards_cli(*args, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    return run_process([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, **(env or {})})
 
 

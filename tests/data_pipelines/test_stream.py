@@ -228,3 +228,30 @@ def test_the_held_out_part_is_chosen_by_key_whatever_the_shard_layout(tmp_path):
     assert loader.remaining_samples() == 0  # the samples passed over count as consumed
     with pytest.raises(ValueError, match="part 'test'"):
         KeySplit(0.1, "test")
+
+
+def test_a_data_position_naming_shards_the_manifest_no_longer_lists_is_refused_with_one_line(tmp_path):
+    """A checkpoint's data position over data rewritten since (other shard names): refused with
+    one line naming the shards, not resumed as if they had never been read (the training loop
+    does not retry it: orchestrator/train_loop.py _fatal_line)."""
+    from data_pipelines.stream import StaleDataPosition
+    from orchestrator.train_loop import _fatal_line
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_synthetic("classification", str(old), num_samples=40, image_size=16, samples_per_shard=10)
+    write_synthetic("classification", str(new), num_samples=40, image_size=16, samples_per_shard=8)
+    before = ShardLoader(str(old), batch_size=8, image_size=16, num_workers=0, seed=7, augmentation="eval")
+    assert len(take(before, 2)) == 16
+    state = before.state_dict()
+    rewritten = json.loads((new / "manifest.json").read_text())
+    for shard in rewritten["shards"]:  # the same data under other names, as a re-conversion writes it
+        (new / shard["name"]).rename(new / f"v2-{shard['name']}")
+        shard["name"] = f"v2-{shard['name']}"
+    (new / "manifest.json").write_text(json.dumps(rewritten))
+    after = ShardLoader(str(new), batch_size=8, image_size=16, num_workers=0, seed=7, augmentation="eval")
+    with pytest.raises(StaleDataPosition) as caught:
+        after.load_state_dict(state)
+    line = str(caught.value)
+    assert "\n" not in line and f"{new}'s manifest no longer lists" in line and "shard-000000.tar" in line
+    assert _fatal_line(caught.value) == line
+    ShardLoader(str(old), batch_size=8, image_size=16, num_workers=0, seed=7, augmentation="eval").load_state_dict(state)

@@ -4,10 +4,11 @@ server would silently prune), and the Grafana dashboard covers every metric fami
 queries that stay within them.
 
 Needs `promtool` (Debian package `prometheus`, which .ci/run installs); without it the tests
-fail, they do not skip. `kubectl` (>= 1.27) is used where it is on PATH: its `kustomize` output
-must then equal the rendering `render_kustomization` makes, which the other tests use, so a
-machine without kubectl still checks the objects kustomize would build. The CRD schemas are
-copies in tests/k8s/crds/.
+fail, they do not skip. So does `kubectl` (>= 1.27, its `kustomize`): its output must equal
+the rendering `render_kustomization` makes, which the other tests use; without kubectl on PATH
+they fail naming it, unless VITSCALE_TESTS_WITHOUT_KUBECTL=1 says to check only our own
+rendering (a machine where kubectl cannot be installed). The CRD schemas are copies in
+tests/k8s/crds/.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 
 import jsonschema
 import pytest
@@ -26,6 +26,7 @@ import yaml
 
 from orchestrator.metrics import FAMILIES, FAMILY_NAMES
 from orchestrator.metric_plots import DASHBOARD, dashboard_panels, panel_targets, panels
+from tests.conftest import run_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MONITORING = os.path.join(REPO, "k8s", "monitoring")
@@ -48,8 +49,18 @@ def tool(name: str, how: str) -> str:
     return path
 
 
+def kubectl() -> str | None:
+    """kubectl's path; a failure naming it when it is missing, unless the run says to go without
+    (then None: the comparisons with kustomize's own rendering are left out)."""
+    found = shutil.which("kubectl")
+    if found is None and os.environ.get("VITSCALE_TESTS_WITHOUT_KUBECTL") != "1":
+        pytest.fail("kubectl (>= 1.27) is not on PATH: the k8s tests compare our rendering with kustomize's; install it, "
+                    "or set VITSCALE_TESTS_WITHOUT_KUBECTL=1 to leave those comparisons out")
+    return found
+
+
 def run(args: list[str], cwd: str = REPO) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = run_process(args, cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -91,9 +102,8 @@ def render_kustomization(folder: str = MONITORING) -> list[dict]:
 @pytest.fixture(scope="module")
 def built() -> list[dict]:
     rendered = render_kustomization()
-    kubectl = shutil.which("kubectl")
-    if kubectl is not None:
-        by_kubectl = [d for d in yaml.safe_load_all(run([kubectl, "kustomize", MONITORING])) if d]
+    if (tool := kubectl()) is not None:
+        by_kubectl = [d for d in yaml.safe_load_all(run([tool, "kustomize", MONITORING])) if d]
         key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
         assert sorted(by_kubectl, key=key) == sorted(rendered, key=key)
     return rendered

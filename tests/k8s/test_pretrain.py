@@ -23,15 +23,14 @@ import json
 import os
 import re
 import shlex
-import shutil
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.k8s.test_monitoring import REPO, run, schema_errors
+from tests.k8s.test_monitoring import REPO, kubectl, run, schema_errors
 from tests.k8s.test_monitoring import render_kustomization as render_monitoring
+from tests.conftest import run_process
 
 PRETRAIN = os.path.join(REPO, "k8s", "pretrain")
 CREDENTIAL_NAMES = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|SESSION", re.IGNORECASE)
@@ -67,9 +66,8 @@ def ray_container(group: dict) -> dict:
 @pytest.fixture(scope="module")
 def built() -> list[dict]:
     rendered = render_kustomization()
-    kubectl = shutil.which("kubectl")
-    if kubectl is not None:
-        assert [d for d in yaml.safe_load_all(run([kubectl, "kustomize", PRETRAIN])) if d] == rendered
+    if (tool := kubectl()) is not None:
+        assert [d for d in yaml.safe_load_all(run([tool, "kustomize", PRETRAIN])) if d] == rendered
     return rendered
 
 
@@ -120,7 +118,7 @@ def entrypoint_config(job: dict) -> tuple[list[str], dict]:
 @functools.lru_cache(maxsize=None)
 def print_config(args: tuple[str, ...]) -> str:
     """launch/pretrain.py's --print-config output for these flags (one process per command line)."""
-    out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), *args, "--print-config"],
+    out = run_process([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), *args, "--print-config"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, f"the RayJob's entrypoint does not parse: {out.stderr}"
     return out.stdout
@@ -222,9 +220,8 @@ def test_the_image_has_the_pinned_ray_and_the_code_where_the_job_looks(job):
 def test_an_overlay_sets_image_data_and_size(job, tmp_path):
     """The README's recipe: an overlay over k8s/pretrain with its own image, locations and
     group size; what it renders still resolves and fills its GPUs."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: the overlay needs kustomize's patches")
+    if (tool := kubectl()) is None:
+        pytest.skip("VITSCALE_TESTS_WITHOUT_KUBECTL=1: the overlay needs kustomize's patches")
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     entrypoint = job["spec"]["entrypoint"].replace("s3://example-bucket/", "s3://our-bucket/").replace(
@@ -238,7 +235,7 @@ def test_an_overlay_sets_image_data_and_size(job, tmp_path):
             {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/replicas", "value": 2},
             {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/minReplicas", "value": 2},
             {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/maxReplicas", "value": 2}])}]}))
-    (ours,) = [d for d in yaml.safe_load_all(run([kubectl, "kustomize", str(overlay)])) if d]
+    (ours,) = [d for d in yaml.safe_load_all(run([tool, "kustomize", str(overlay)])) if d]
     assert schema_errors(ours) == []
     assert {c["image"] for c in containers(ours)} == {"ghcr.io/us/vitscale:1.2"}
     _, config = entrypoint_config(ours)

@@ -6,7 +6,6 @@ Run: .venv/bin/python -m pytest tests/launch/test_figures_cli.py -q
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 from data_pipelines.synthetic import write_synthetic
 from model import build_model
 from tests.launch.conftest import main_of
+from tests.conftest import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "figures.py")
@@ -23,7 +23,7 @@ PNGS = ["position_similarity_initial.png", "attention_distance_initial.png",
 
 
 def figures(*args, cwd="/"):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=180, cwd=cwd)
+    return run_process([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=180, cwd=cwd)
 
 
 def write_export(folder, model_name="ViT-Mu/4", data: bytes | None = None) -> str:

@@ -3,10 +3,10 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 from tests.launch.conftest import main_of
+from tests.conftest import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "finetune.py")
@@ -27,7 +27,7 @@ VTAB = ["Caltech101", "CIFAR-100", "DTD", "Flowers102", "Pets", "Sun397", "SVHN"
 
 
 def finetune(*args, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, cwd="/",
+    return run_process([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, cwd="/",
                           env=env)
 
 

@@ -9,13 +9,14 @@ import sys
 import time
 
 import pytest
+from tests.conftest import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "pretrain.py")
 
 
 def pretrain(*args, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_process([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_print_config_resolves_the_recipe_and_touches_nothing_else():
@@ -27,7 +28,7 @@ def test_print_config_resolves_the_recipe_and_touches_nothing_else():
         "loaded = sorted(m for m in ('ray', 'deepspeed', 'boto3', 'botocore') if m in sys.modules)\n"
         "import torch\nprint('LOADED', loaded, torch.cuda.is_initialized())\n" % SCRIPT
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = run_process([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     text, last = out.stdout.rsplit("LOADED", 1)
     assert last.strip() == "[] False"
@@ -93,7 +94,7 @@ def test_dry_run_pretrains_fans_out_over_its_stand_ins_and_writes_its_report():
     checkpoints, then launch/pretrain.py's own hand-over to the fan-out, then the report, whose
     path is the last line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    out = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--max-steps", "10", "--checkpoint-every", "5",
+    out = run_process([sys.executable, SCRIPT, "--dry-run", "--max-steps", "10", "--checkpoint-every", "5",
                           "--set", "log_every=2", "--set", "finetune_datasets=CIFAR10,VTAB/EuroSAT",
                           "--set", 'finetune_steps={"CIFAR10": 300}'],
                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
@@ -179,7 +180,7 @@ def test_a_missing_fine_tuning_dataset_stops_the_run_before_pretraining(tmp_path
     bucket = s3_server.create_bucket("preflight-finetune")
     write_synthetic("multi_label", f"{bucket}/synth", num_samples=64, num_classes=4, image_size=32, samples_per_shard=32,
                     factory=s3_server.client_factory())
-    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-Mu/4", "--dataset", "JFT-300M", "--data",
+    out = run_process([sys.executable, SCRIPT, "--model", "ViT-Mu/4", "--dataset", "JFT-300M", "--data",
                           f"{bucket}/synth", "--checkpoints", f"{bucket}/runs", "--finetune-data", str(tmp_path),
                           "--set", "finetune_datasets=CIFAR10", "--set", "gpus_per_worker=0"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
@@ -203,7 +204,7 @@ def test_a_real_run_writes_its_report_beside_it_and_prints_its_path_last(tmp_pat
     sizes = {"image_size": 32, "global_batch_size": 8, "micro_batch_size": 8, "train_examples": 64, "epochs": 1,
              "warmup_steps": 1, "checkpoint_every": 4, "log_every": 2, "data_workers": 1, "gpus_per_worker": 0,
              "metrics_address": "off"}
-    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-Mu/4", "--dataset", "JFT-300M", "--data",
+    out = run_process([sys.executable, SCRIPT, "--model", "ViT-Mu/4", "--dataset", "JFT-300M", "--data",
                           f"{bucket}/synth", "--checkpoints", f"{bucket}/runs", "--no-finetune", "--max-steps", "8",
                           *[a for k, v in sizes.items() for a in ("--set", f"{k}={v}")]],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
@@ -227,7 +228,7 @@ def test_a_dry_run_on_a_cluster_without_s3_stops_at_its_preflight(tmp_path):
     run stops before Ray is even joined (the address here leads nowhere), with one line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env.update(RAY_ADDRESS="127.0.0.1:9", HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true")
-    out = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--no-finetune"], capture_output=True, text=True,
+    out = run_process([sys.executable, SCRIPT, "--dry-run", "--no-finetune"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "dry run: embedded S3" not in out.stdout and "Traceback" not in out.stderr
@@ -271,8 +272,9 @@ def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_serv
     """One run's life through the same command (one test: each start is a local Ray, Ray Train
     and DeepSpeed, ~30 s here). SIGKILL of the driver and its local Ray after a commit; resumed,
     then Ctrl-C (SIGINT to the terminal's whole process group); resumed on 1 worker instead of 2
-    (the 2-worker checkpoint converted: DeepSpeed's universal checkpoint), then SIGTERM to the
-    driver alone (kill, docker stop, `ray job stop`). Each stop: one line naming the signal and
+    (the 2-worker checkpoint converted: DeepSpeed's universal checkpoint), then SIGHUP to the
+    whole group (a closed terminal; SIGTERM to the driver alone, as `ray job stop` sends it, is
+    tests/launch/test_ray_job.py's). Each stop: one line naming the signal and
     the last committed step (the newest manifest), exit 128 + signal, nothing of the local Ray
     left running. Then it finishes, keeps the newest two checkpoints whole, and once more it
     schedules nothing and names the weights it exported."""
@@ -298,10 +300,10 @@ def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_serv
                                       bucket.removeprefix("s3://"), f"{checkpoints}/step-{after:08d}/manifest.json")
         return run, log_path
 
-    def stopped(attempt: str, workers: int, signum: int, to_group: bool) -> tuple[int, str]:
+    def stopped(attempt: str, workers: int, signum: int) -> tuple[int, str]:
         wait_for_step = committed()[-1] + 10  # two commits after resuming
         run, log_path = started(attempt, workers, wait_for_step)
-        (os.killpg if to_group else os.kill)(run.pid, signum)
+        os.killpg(run.pid, signum)  # the terminal's whole foreground group: the driver and its local Ray
         assert run.wait(timeout=120) == 128 + signum
         text = open(log_path).read()
         assert "Traceback" not in text, text[-3000:]
@@ -312,7 +314,9 @@ def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_serv
             rf"from its last committed checkpoint", said[0])), said
         stood = int(match.group(1))
         assert wait_for_step <= stood == committed()[-1] < 50, (stood, committed())
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while _processes_in_session(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert _processes_in_session(run.pid) == []
         return stood, text
 
@@ -324,11 +328,11 @@ def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_serv
         time.sleep(0.2)
     assert _processes_in_session(killed.pid) == []
     after_kill = committed()[-1]
-    first, text = stopped("first", 2, signal.SIGINT, to_group=True)
+    first, text = stopped("first", 2, signal.SIGINT)
     assert f"resumed from step {after_kill}" in text and "converted" not in text
-    second, text = stopped("second", 1, signal.SIGTERM, to_group=False)
+    second, text = stopped("second", 1, signal.SIGHUP)
     assert f"resumed from step {first} (converted from 2 workers to 1)" in text, text[-3000:]
-    third = subprocess.run([*args, "--workers", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    third = run_process([*args, "--workers", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     text = third.stdout + third.stderr
     assert third.returncode == 0, text[-3000:]
     assert f"resumed from step {second}" in text and "finished at step 50, loss" in text
@@ -341,7 +345,7 @@ def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_serv
         for entry in manifest["files"]:
             assert found[f"{checkpoints.removeprefix('run/')}/step-{step:08d}/{entry['name']}"] == entry["size"]
     # Once more: finished, so nothing is scheduled (no Ray, no worker); it names its weights.
-    fourth = subprocess.run([*args, "--workers", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    fourth = run_process([*args, "--workers", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     again = fourth.stdout + fourth.stderr
     assert fourth.returncode == 0, again[-3000:]
     (exported,) = re.findall(r"exported weights to (\S+) \(sha256 (\w+)\)", text)
@@ -357,7 +361,7 @@ def test_a_cluster_too_small_is_refused_before_anything_is_scheduled(s3_server):
     write_synthetic("multi_label", f"{bucket}/synth", num_samples=64, image_size=32, factory=s3_server.client_factory(),
                     progress=False)
     env = dict(os.environ, **s3_server.environment())
-    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-B/16", "--dataset", "JFT-300M", "--data",
+    out = run_process([sys.executable, SCRIPT, "--model", "ViT-B/16", "--dataset", "JFT-300M", "--data",
                           f"{bucket}/synth", "--checkpoints", f"{bucket}/runs", "--workers", "64", "--gpus-per-worker", "1"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -374,7 +378,7 @@ def test_unreachable_checkpoint_location_is_refused(s3_server):
 
     write_synthetic("multi_label", f"{bucket}/synth", num_samples=32, image_size=32, factory=s3_server.client_factory(),
                     progress=False)
-    out = subprocess.run([sys.executable, SCRIPT, "--model", "ViT-B/16", "--dataset", "JFT-300M", "--data",
+    out = run_process([sys.executable, SCRIPT, "--model", "ViT-B/16", "--dataset", "JFT-300M", "--data",
                           f"{bucket}/synth", "--checkpoints", "s3://no-such-bucket-here/runs"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 2

@@ -4,14 +4,13 @@ k8s/pretrain's RayJob gives KubeRay (a head without CPUs, a worker node, PYTHONP
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -62,16 +61,16 @@ def head(s3_server, tmp_path_factory):
               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
               f"--temp-dir={worker_temp}"]]
     for args in nodes:
-        start = subprocess.run([f"{BIN}/ray", "start", *args], env=env, cwd=home, capture_output=True, text=True,
+        start = run_process([f"{BIN}/ray", "start", *args], env=env, cwd=home, capture_output=True, text=True,
                                timeout=180)
         assert start.returncode == 0, start.stdout + start.stderr
     yield env, f"http://127.0.0.1:{dashboard}"
-    subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    run_process([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(worker_temp, ignore_errors=True)
 
 
 def submit(env, address, *entrypoint, timeout=600, working_dir=True):
-    return subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address,
+    return run_process([f"{BIN}/ray", "job", "submit", "--address", address,
                            *(["--working-dir", "."] if working_dir else []), "--", *entrypoint],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -134,7 +133,7 @@ def test_ray_job_stop_stops_the_workers_and_the_job_says_where_the_run_stands(he
 
     env, address = head
     job = f"stop-{secrets.token_hex(4)}"
-    out = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
+    out = run_process([f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
                           "--submission-id", job, "--", "python", "launch/pretrain.py", "--dry-run", "--no-finetune",
                           "--max-steps", "60", "--checkpoint-every", "5", "--set", "image_size=96",
                           "--set", "metrics_address=off", "--data", "s3://jobs-stop/synth",
@@ -143,7 +142,7 @@ def test_ray_job_stop_stops_the_workers_and_the_job_says_where_the_run_stands(he
     assert out.returncode == 0, out.stdout + out.stderr
 
     def ray_cli(*args):
-        return subprocess.run([f"{BIN}/ray", *args, "--address", address], env=env, cwd=ROOT, capture_output=True,
+        return run_process([f"{BIN}/ray", *args, "--address", address], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
     client = s3_server.client_factory().client()

@@ -7,7 +7,6 @@ code under test; the check is the logits of the model that carries the converted
 import io
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from model import build_model
 from model.foreign import ForeignWeightsError, check_state, from_npz, from_timm, read_npz, to_timm
+from tests.conftest import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "import_weights.py")
@@ -236,7 +236,7 @@ def test_refused_files_are_refused_without_unpickling():
 
 
 def run(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    return run_process([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 
 def test_the_command_imports_an_npz_as_an_export_finetune_takes_and_gives_it_to_timm(tmp_path):

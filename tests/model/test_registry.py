@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import MODEL_NAMES, build_model, model_spec
+from tests.conftest import run_process
 
 # Built and run for real on CPU; everything else is built on the meta device.
 CPU_MODELS = {"ViT-Mu/4": 32, "ViT-Ti/16": 32, "ViT-S/16": 32, "ViT-S/32": 64, "R50x1": 64}
@@ -208,14 +209,13 @@ def test_names_and_run_configs_are_checked_without_importing_torch():
     """The command lines check their arguments (model names, a whole run config) through
     model/specs.py: no torch import, which alone takes ~3 s on a 2-core machine."""
     import os
-    import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     probe = ("import sys; from model import MODEL_NAMES, model_spec; from orchestrator.config import "
              "resolve_pretrain_config; resolve_pretrain_config('ViT-B/16', 'JFT-300M', {}); "
              "assert model_spec('ViT-Mu/4').width == 64 and len(MODEL_NAMES) == 18; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=60)
+    out = run_process([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
     # The package's other names still import from it, on first use.
     import model

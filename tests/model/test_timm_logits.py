@@ -3,14 +3,14 @@ runs it in a process of its own; `make venv` puts timm beside the venv in .venv/
 
 import json
 import os
-import subprocess
 import sys
+from tests.conftest import run_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_our_models_and_timms_give_the_same_logits_with_the_same_weights():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "timm_logits.py")], capture_output=True, text=True,
+    out = run_process([sys.executable, os.path.join(HERE, "timm_logits.py")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,9 +6,8 @@
 
 Each save also dumps this rank's parameters, optimizer state and the next RNG draw to
 `--dumps/step-<N>-rank-<R>.pt`; a run that restores dumps the same right after restoring, as
-`restored-rank-<R>.pt`, so the test can compare the two exactly. `--hang-after-upload N`
-makes the upload of step N stall forever after its first file (for the SIGKILL test);
-`--hang-in-commit N` stalls rank 0 in step N's commit, `--hang-in-restore R` rank R in its restore.
+`restored-rank-<R>.pt`, so the test can compare the two exactly. `--hang-in-commit N` stalls
+rank 0 in step N's commit, `--hang-in-restore R` rank R in its restore.
 """
 
 import argparse
@@ -49,16 +48,17 @@ def main() -> None:
     p.add_argument("--staging", required=True)
     p.add_argument("--dumps", required=True)
     p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--model", default="ViT-Mu/4", help="ViT-Ti/16: files past the 16 MiB multipart threshold")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--save-at", default="")
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--keep-every", type=int, default=0)
     p.add_argument("--failure-budget", type=int, default=3)
     p.add_argument("--upload-attempts", type=int, default=3)
+    p.add_argument("--commit-timeout", type=float, default=60.0)
     p.add_argument("--hang-in-commit", type=int, default=-1,
                    help="rank 0 stalls for good in the commit of this step, its report written, before the manifest")
     p.add_argument("--hang-in-restore", type=int, default=-1, help="this rank stalls for good while it downloads its files")
-    p.add_argument("--hang-after-upload", type=int, default=-1)
     p.add_argument("--break-upload", default="", help="STEP:RANK: that rank's upload of that step raises a RuntimeError")
     p.add_argument("--fresh", action="store_true", help="do not look for a checkpoint to restore")
     p.add_argument("--restore-again", action="store_true", help="after the restore and its dump, restore once more")
@@ -74,7 +74,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
-    model = build_model("ViT-Mu/4", 10, image_size=32)
+    model = build_model(args.model, 10, image_size=32)
     config = {
         "train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0, "steps_per_print": 10**9,
@@ -82,19 +82,6 @@ def main() -> None:
         "zero_optimization": {"stage": args.zero_stage},
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-
-    if args.hang_after_upload >= 0:
-        real_upload = checkpoint.upload_images
-        tag = checkpoint.step_name(args.hang_after_upload)
-
-        def upload_then_hang(uploads, factory=None):
-            uploaded = real_upload(uploads, factory)
-            if any(f"/{tag}/" in url for _, url in uploads):
-                open(os.path.join(args.dumps, f"hanging-rank-{rank}"), "w").close()
-                time.sleep(3600)
-            return uploaded
-
-        checkpoint.upload_images = upload_then_hang
 
     if args.hang_in_commit >= 0 and rank == 0:
         real_commit = checkpoint.CheckpointManager._commit
@@ -127,7 +114,7 @@ def main() -> None:
 
     manager = checkpoint.CheckpointManager(
         args.url, staging_dir=args.staging, rank=rank, world_size=world, keep_last=args.keep_last,
-        keep_every=args.keep_every, failure_budget=args.failure_budget, commit_timeout=60,
+        keep_every=args.keep_every, failure_budget=args.failure_budget, commit_timeout=args.commit_timeout,
         upload_attempts=args.upload_attempts,
     )
     os.makedirs(args.dumps, exist_ok=True)

@@ -115,39 +115,43 @@ def test_resume_through_staging_files_when_memory_is_short(s3_server, run_url, t
         assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
 
 
-def test_sigkill_mid_upload_leaves_a_step_that_is_never_loaded(s3_server, run_url, tmp_path):
+def test_sigkill_mid_multipart_upload_leaves_a_step_that_is_never_loaded(s3_server, run_url, tmp_path):
+    """ViT-Ti/16's checkpoint files are past the 16 MiB multipart threshold. Both ranks are
+    SIGKILLed while step 4's parts are really in flight (a proxy holds every part of step 4),
+    which leaves open multipart uploads and a step without its manifest behind; the next start
+    resumes from step 2, never from the partial step, and its first commit aborts those uploads
+    and deletes what step 4 left."""
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    procs = start_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,
-                        "--steps", 6, "--save-at", "2,4", "--hang-after-upload", 4)
-    deadline = time.monotonic() + 180
-    while not (dumps / "hanging-rank-0").exists() and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), finish(procs)[1]
-        time.sleep(0.1)
-    for proc in procs:
-        proc.send_signal(signal.SIGKILL)
-    finish(procs)
+    location = parse_s3_url(run_url)
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add("PUT", r"/step-00000004/.*[?&]partNumber=", "stall", seconds=600)
+        procs = start_ranks(s3_server, 2, "--model", "ViT-Ti/16", "--url", run_url, "--staging", tmp_path / "a",
+                            "--dumps", dumps, "--steps", 6, "--save-at", "2,4",
+                            environment={"AWS_ENDPOINT_URL": proxy.endpoint_url})
+        deadline = time.monotonic() + 180
+        while proxy.count("stall") < 2:  # parts of step 4 on their way, held
+            assert all(p.poll() is None for p in procs), finish(procs)[1]
+            assert time.monotonic() < deadline, ("no part of step 4 was sent", proxy.served)
+            time.sleep(0.05)
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+        finish(procs)
     found = list_prefix(run_url, s3_server.client_factory())
-    assert any(k.startswith("step-00000004/") for k in found)
-    assert "step-00000004/manifest.json" not in found
-    assert "step-00000002/manifest.json" in found
-    # A multipart upload the killed writer left open under the partial step.
-    location = parse_s3_url(f"{run_url}/step-00000004/big.pt")
-    upload = client(s3_server).create_multipart_upload(Bucket=location.bucket, Key=location.prefix)
-    client(s3_server).upload_part(Bucket=location.bucket, Key=location.prefix, UploadId=upload["UploadId"],
-                                  PartNumber=1, Body=b"x" * 1024)
+    assert "step-00000002/manifest.json" in found and "step-00000004/manifest.json" not in found
+    left_open = client(s3_server).list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix).get("Uploads", [])
+    assert [u for u in left_open if "/step-00000004/" in u["Key"]], left_open  # the killed writers' own
 
-    outputs = run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "b", "--dumps", dumps,
-                        "--steps", 6, "--save-at", "6")
+    outputs = run_ranks(s3_server, 2, "--model", "ViT-Ti/16", "--url", run_url, "--staging", tmp_path / "b",
+                        "--dumps", dumps, "--steps", 6, "--save-at", "6")
     assert "resumed from step 2" in outputs[0]
     for rank in (0, 1):
         assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
-    # Step 6 committed; the partial step 4 and its open multipart upload are gone after it.
+    # Step 6 committed; the partial step 4 and its open multipart uploads are gone after it.
     found = list_prefix(run_url, s3_server.client_factory())
     assert "step-00000006/manifest.json" in found
     assert not any(k.startswith("step-00000004/") for k in found)
-    uploads = client(s3_server).list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix.rsplit("/", 2)[0])
-    assert not uploads.get("Uploads")
+    assert not client(s3_server).list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix).get("Uploads")
 
 
 def test_rank_0_killed_mid_commit_and_a_rank_killed_mid_restore_resume_from_the_last_verified_step(
@@ -336,6 +340,29 @@ def test_failed_uploads_are_counted_until_the_budget_is_spent(s3_server, run_url
     assert "SlowDown" in outputs[0] and proxy.count("503") >= 3 * 2  # each save's upload tried twice
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset") not in outputs[0]
     assert s3_server.secret_access_key not in outputs[0]
+
+
+def test_an_upload_asked_again_commits_and_a_rank_late_past_the_commit_timeout_fails_only_its_step(
+        s3_server, run_url, tmp_path):
+    """Over real HTTP (a proxy; botocore asks once per request here): step 1's model file is
+    answered 503 once, and the manager's own second attempt commits the step; rank 1's upload of
+    step 2 is held 8 s, past rank 0's 3 s commit timeout: step 2 fails with one line and is
+    counted, and step 3, which both ranks report, commits."""
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add("PUT", r"/step-00000001/\S*mp_rank_00_model_states", "503", times=1)
+        proxy.add("PUT", r"/step-00000002/\S*zero_pp_rank_1_", "stall", times=1, seconds=8)
+        codes, outputs = finish(start_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a",
+                                            "--dumps", tmp_path / "d", "--steps", 3, "--save-at", "1,2,3", "--fresh",
+                                            "--upload-attempts", 2, "--commit-timeout", 3,
+                                            environment={"AWS_ENDPOINT_URL": proxy.endpoint_url, "AWS_MAX_ATTEMPTS": "1"}))
+    both = "\n".join(outputs)
+    assert codes == [0, 0], both[-4000:]
+    assert [proxy.count(f) for f in ("503", "stall")] == [1, 1], proxy.served
+    assert "checkpoint step 1 committed" in both
+    assert "checkpoint step 2 failed on rank 0: only 1 of 2 ranks reported step 2 in time" in both, both[-4000:]
+    assert "checkpoint step 3 committed" in both and "rank 0: failures_total=1 last_committed=3" in both
+    manifests = sorted(k for k in list_prefix(run_url, s3_server.client_factory()) if k.endswith("manifest.json"))
+    assert manifests == ["step-00000001/manifest.json", "step-00000003/manifest.json"]
 
 
 def test_trim_frees_only_the_memory_no_tensor_uses_even_for_a_file_loaded_twice(tmp_path):

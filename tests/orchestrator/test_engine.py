@@ -4,7 +4,6 @@ gradient-norm check, and torch_compile."""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -13,13 +12,14 @@ import torch
 from data_pipelines.augment import normalise
 from model import patch_color_targets
 from orchestrator.train_loop import model_input
+from tests.conftest import run_process
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_worker.py")
 
 
 def run_worker(config: str, *args: str, env: dict | None = None) -> dict:
     # A process of its own: DeepSpeed's process group would outlive the test in pytest's.
-    proc = subprocess.run([sys.executable, WORKER, config, *args], capture_output=True, text=True, timeout=300,
+    proc = run_process([sys.executable, WORKER, config, *args], capture_output=True, text=True, timeout=300,
                           env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_a_worker_outside_ray_trains_checkpoints_and_resumes(tmp_path):
     # local-folder shards and checkpoints, a second worker resuming from the first's commit.
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "benchmarks", "worker_step.py")
-    proc = subprocess.run([sys.executable, script, "--cpu", "--steps", "6", "--image-size", "32", "--data-workers", "1"],
+    proc = run_process([sys.executable, script, "--cpu", "--steps", "6", "--image-size", "32", "--data-workers", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed from step 6" in proc.stdout

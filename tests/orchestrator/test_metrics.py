@@ -149,8 +149,6 @@ def test_prometheus_draws_the_fanout_row_from_the_fanout_driver_and_its_trials(t
             while len(prometheus.query("vitscale_loss")) < 3 or not prometheus.query("vitscale_finetune_test_accuracy"):
                 assert time.monotonic() < deadline, prometheus.targets_up()
                 time.sleep(0.5)
-            time.sleep(1.5)
-            ended = time.time()
 
             def last(expr):
                 return {tuple(sorted((k, v) for k, v in r["metric"].items() if k in ("run", "state", "dataset"))):
@@ -158,12 +156,21 @@ def test_prometheus_draws_the_fanout_row_from_the_fanout_driver_and_its_trials(t
 
             row = {title: exprs for title, exprs, _ in dashboard_panels(DASHBOARD, run=run) if title in fanout_panel_titles()}
             assert len(row) == 4
-            by_state, best, test, loss = (last(exprs[0]) for exprs in row.values())
-            assert by_state == {(("run", run), ("state", s)): n
-                                for s, n in {"pending": 1, "running": 2, "done": 0, "failed": 1}.items()}
-            assert best == {(("dataset", "CIFAR10"), ("run", run)): 0.97, (("dataset", "VTAB/Caltech101"), ("run", run)): 0.9}
-            assert test == {(("dataset", "CIFAR10"), ("run", run)): 0.965}
-            assert loss == {(("run", f"{run}-ft-cifar10-sweep-lr0.003"),): 1.5, (("run", f"{run}-ft-cifar10-sweep-lr0.01"),): 2.5}
+            expected = [{(("run", run), ("state", s)): n for s, n in {"pending": 1, "running": 2, "done": 0, "failed": 1}.items()},
+                        {(("dataset", "CIFAR10"), ("run", run)): 0.97, (("dataset", "VTAB/Caltech101"), ("run", run)): 0.9},
+                        {(("dataset", "CIFAR10"), ("run", run)): 0.965},
+                        {(("run", f"{run}-ft-cifar10-sweep-lr0.003"),): 1.5, (("run", f"{run}-ft-cifar10-sweep-lr0.01"),): 2.5}]
+            while True:  # until the range's last evaluation comes after the scrape that has them all
+                ended = time.time()
+                panels = [last(exprs[0]) for exprs in row.values()]
+                if panels == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            by_state, best, test, loss = panels
+            assert by_state == expected[0]
+            assert best == expected[1]
+            assert test == expected[2]
+            assert loss == expected[3]
             # Every other panel (the pretraining run's) is empty here and is left out, not drawn blank.
             pictures = plot_dashboard(prometheus, run=run, start=began, end=ended, out_dir=str(tmp_path / "plots"))
     finally:
@@ -194,7 +201,10 @@ def test_prometheus_scrapes_a_two_worker_run_through_a_restart(cluster, tmp_path
         while "step-00000004/manifest.json" not in list_prefix(checkpoint_url(config)):
             assert time.monotonic() < deadline, "step 4 never committed"
             time.sleep(0.3)
-        time.sleep(2.0)  # scraped at least once past the commit
+        while not [r for r in prometheus.query(f'vitscale_checkpoint_last_committed_step{{run="{config.run_name}"}}')
+                   if float(r["value"][1]) >= 4]:  # scraped at least once past the commit
+            assert time.monotonic() < deadline, prometheus.targets_up()
+            time.sleep(0.3)
         pid = re.findall(r"start 0 pid (\d+)", open(record / "rank-1.log").read())[0]
         os.kill(int(pid), signal.SIGKILL)
         runner.join(timeout=600)

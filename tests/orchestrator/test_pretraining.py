@@ -111,8 +111,10 @@ def test_loss_falls_with_two_workers(cluster, stage, capfd, monkeypatch):
     assert record["sha256"] == hashlib.sha256(read_bytes(weights_url(config))).hexdigest()
 
 
-def test_killed_worker_resumes_from_the_last_commit(cluster, tmp_path, capfd):
-    config = config_for(cluster, "killed", max_steps=16, checkpoint_every=4, log_every=2)
+def test_killed_worker_resumes_from_the_last_commit_in_its_second_epoch(cluster, tmp_path, capfd):
+    """A worker SIGKILLed in the second epoch (16 steps of 32 make an epoch of the 512 samples),
+    past step 20's commit: the group restarts from that commit, in that epoch, at that position."""
+    config = config_for(cluster, "killed", max_steps=24, checkpoint_every=4, log_every=2)
     record = tmp_path / "record"
     record.mkdir()
     outcome = {}
@@ -120,27 +122,32 @@ def test_killed_worker_resumes_from_the_last_commit(cluster, tmp_path, capfd):
     runner.start()
     url = checkpoint_url(config)
     deadline = time.monotonic() + 300
-    while "step-00000004/manifest.json" not in list_prefix(url):
-        assert time.monotonic() < deadline, "step 4 never committed"
+    while "step-00000020/manifest.json" not in list_prefix(url):
+        assert time.monotonic() < deadline, "step 20 never committed"
         time.sleep(0.3)
-    time.sleep(1.0)  # a few steps past the commit
+    while not re.search(r"^step 22 ", open(record / "rank-1.log").read(), re.M):  # a few steps past the commit
+        assert time.monotonic() < deadline, "no step past the commit"
+        time.sleep(0.1)
     pids = re.findall(r"start 0 pid (\d+)", open(record / "rank-1.log").read())
     os.kill(int(pids[0]), signal.SIGKILL)
     runner.join(timeout=600)
     assert "metrics" in outcome, "the run did not finish after the worker was killed"
     out = capfd.readouterr().out
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
-    assert resumed and resumed[0] >= 4
-    # The committed steps of the first attempt plus everything of the second form the epoch
-    # (16 steps x 32 = 512 samples) exactly once: nothing trained before the commit comes back.
+    assert resumed and 20 <= resumed[0] < 24
     (first_start, first), (second_start, second) = attempts_in(record)
     assert (first_start, second_start) == (0, resumed[0])
-    committed = [k for step, keys in first.items() if step <= resumed[0] for k in keys]
+    # The first epoch: every sample once. The second (8 steps of it): its committed steps of the
+    # first attempt plus everything of the second, each sample at most once, 256 in all: nothing
+    # trained before the commit comes back, nothing after it is skipped.
+    epoch_1 = [k for step, keys in first.items() if step <= 16 for k in keys]
+    assert len(epoch_1) == len(set(epoch_1)) == SAMPLES
+    committed = [k for step, keys in first.items() if 16 < step <= resumed[0] for k in keys]
     after = [k for keys in second.values() for k in keys]
-    assert sorted(second) == list(range(resumed[0] + 1, 17))
+    assert sorted(second) == list(range(resumed[0] + 1, 25))
     assert len(committed) == len(set(committed)) and len(after) == len(set(after))
     assert not set(committed) & set(after)
-    assert len(committed) + len(after) == SAMPLES
+    assert len(committed) + len(after) == 8 * 32
 
 
 def test_a_run_is_finished_when_its_weights_are_of_its_newest_commit_at_its_last_step(cluster):
@@ -178,6 +185,45 @@ def test_credentials_revoked_mid_run_stop_it_with_one_line_instead_of_restarts(c
     assert "resumed from step" not in printed.out + printed.err  # the group was not started again
     assert committed_steps(checkpoint_url(config)) == [4]
     assert s3_server.reader_secret_access_key not in printed.out + printed.err
+
+
+def test_a_final_checkpoint_that_does_not_commit_and_a_record_not_written_are_said_not_hidden(cluster, s3_server,
+                                                                                                capfd):
+    """From step 7 rank 0's S3 goes through a proxy that answers 503 SlowDown to every write of
+    step 8 (the last) and of the weights' record (botocore asks once; the manager three times):
+    the run still finishes, exports its weights, and says that the final checkpoint did not
+    commit (step 6 is the last) and that the record was not written (so the same command runs
+    once more rather than taking the run for finished)."""
+    from orchestrator.checkpoint import committed_steps
+    from tests.conftest import free_port
+    from tests.faultproxy import FaultProxy
+
+    config = config_for(cluster, "final-refused", max_steps=8, checkpoint_every=2, log_every=2)
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add("PUT", r"/step-00000008/", "503")
+        proxy.add("PUT", r"/weights/model\.json", "503")
+        run_pretraining(config, fault={"step": 7, "how": "revoke",
+                                       "environment": {"AWS_ENDPOINT_URL": proxy.endpoint_url, "AWS_MAX_ATTEMPTS": "1"}})
+    out = capfd.readouterr().out
+    assert proxy.count("503") >= 4, proxy.served
+    assert re.search(r"warning: the final checkpoint \(step 8\) did not commit: .*SlowDown", out), out[-3000:]
+    assert re.search(r"warning: .*weights/model\.json: SlowDown.*: the weights' record was not written", out), out[-3000:]
+    assert committed_steps(checkpoint_url(config)) == [4, 6]
+    assert read_bytes(weights_url(config))[:8] and finished_run(config) is None
+
+
+def test_a_failure_that_keeps_coming_back_spends_max_failures_and_stops_with_one_line(cluster, capfd):
+    """A worker that raises at step 2 on every attempt: restarted max_failures (1) times, then
+    the run stops with the error's one line (exit status 1 from launch/pretrain.py)."""
+    from orchestrator.pretraining import TrainingError
+
+    config = config_for(cluster, "keeps-failing", max_steps=8, checkpoint_every=4, max_failures=1)
+    with pytest.raises(TrainingError) as caught:
+        run_pretraining(config, fault={"step": 2, "how": "raise"})
+    assert caught.value.exit_status == 1
+    assert re.fullmatch(r"training failed: .*injected failure at step 2.*", str(caught.value)), str(caught.value)
+    printed = capfd.readouterr()
+    assert (printed.out + printed.err).count("no checkpoint to resume from: starting at step 0") == 2  # two attempts
 
 
 def test_shards_gone_mid_run_stop_it_after_two_empty_passes(cluster, capfd):
