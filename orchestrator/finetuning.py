@@ -329,7 +329,8 @@ def _trial_driver(params: dict) -> None:
     from orchestrator.progress import fatal_reported, forget_fatal
     from orchestrator.ray_workers import train_controller_env
     from orchestrator.train_loop import train_loop, worker_config
-    from orchestrator.trainer import NotRetried, build_trainer
+    from orchestrator.pretraining import failure_line
+    from orchestrator.trainer import NotRetried, TrialFailed, build_trainer
 
     config = TrialConfig.model_validate(params["trial"])
     os.environ.update(train_controller_env())  # Ray Train hands it on to the trial's controller
@@ -355,10 +356,10 @@ def _trial_driver(params: dict) -> None:
     )
     try:
         trainer.fit()  # raises when the trial keeps failing past max_failures, or at once (fatal)
-    except Exception:
+    except Exception as error:
         if (line := fatal_reported(fatal)) is not None:
             raise NotRetried(f"{config.trial}: failed, not retried: {line}") from None
-        raise
+        raise TrialFailed(f"{config.trial}: failed after {config.max_failures} restarts: {failure_line(error)}") from None
     finally:
         forget_fatal(fatal)
         if params.get("gate"):  # rank 0 gave the turn back with its result.json; not if it failed
@@ -583,7 +584,7 @@ def _run_trials(queue: _TrialQueue, *, settings: FanoutSettings, ray_local: bool
     import ray
     from ray import tune
 
-    from orchestrator.trainer import NotRetried
+    from orchestrator.trainer import NotRetried, TrialFailed
     from orchestrator.trial_gate import TrialGate
 
     turns = settings.max_concurrent_trials
@@ -616,7 +617,9 @@ def _run_trials(queue: _TrialQueue, *, settings: FanoutSettings, ray_local: bool
         name = result.config["trial"]["trial"]
         if result.error is not None:
             line = (str(result.error).strip().splitlines() or ["failed"])[-1]
-            errors[name] = line.removeprefix(f"{NotRetried.__module__}.{NotRetried.__name__}: ")[:300]
+            for kind in (NotRetried, TrialFailed):
+                line = line.removeprefix(f"{kind.__module__}.{kind.__name__}: ")
+            errors[name] = line[:300]
     return errors
 
 

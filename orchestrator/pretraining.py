@@ -227,7 +227,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
                         ray.shutdown()
                     raise Interrupted(signum, where_it_stands(config)) from None
                 except Exception as error:  # ray.train.TrainingFailedError and its kin
-                    raise TrainingError(f"training failed: {str(error).strip().splitlines()[0]}") from error
+                    raise TrainingError(f"training failed: {failure_line(error)}") from error
                 finally:
                     if metrics_linger and not received:  # for a last scrape; not when told to stop
                         time.sleep(metrics_linger)
@@ -236,10 +236,20 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
     finally:
         lease.release()
     if result.error is not None:
-        raise TrainingError(f"training failed: {str(result.error).strip().splitlines()[0]}")
+        raise TrainingError(f"training failed: {failure_line(result.error)}")
     # Rank 0's last progress row, as the bar took it at the end (Ray Train v2's result.metrics
     # is None when the workers reported without a checkpoint).
     return dict(progress.last or result.metrics or {})
+
+
+def failure_line(error: BaseException) -> str:
+    """One line for a failed Ray Train run: the first failing rank's own error (Ray Train's
+    WorkerGroupError says only "Training failed due to worker errors:" on its first line)."""
+    for rank, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        cause = getattr(failure, "_base_exc", None) or failure  # Ray Train's UserExceptionWithTraceback
+        first = (str(cause).strip().splitlines() or [""])[0]
+        return f"rank {rank}: {type(cause).__name__}: {first}" if first else f"rank {rank}: {type(cause).__name__}"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _take_the_run(config: PretrainConfig, log: Callable[[str], None]):

@@ -50,6 +50,10 @@ class NotRetried(RuntimeError):
     """A rank's error that restarting the workers cannot cure: its one line."""
 
 
+class TrialFailed(RuntimeError):
+    """A fine-tuning trial that kept failing past its restarts: its first failing rank's line."""
+
+
 if FixedScalingPolicy is not None:
 
     class LocalScalingPolicy(FixedScalingPolicy):
