@@ -328,14 +328,14 @@ def _trial_driver(params: dict) -> None:
 
     from orchestrator.progress import fatal_reported, forget_fatal
     from orchestrator.ray_workers import train_controller_env
-    from orchestrator.train_loop import train_loop, worker_config
+    from orchestrator.train_loop import staging_dir_for, train_loop, worker_config
     from orchestrator.pretraining import failure_line
     from orchestrator.trainer import NotRetried, TrialFailed, build_trainer
 
     config = TrialConfig.model_validate(params["trial"])
     os.environ.update(train_controller_env())  # Ray Train hands it on to the trial's controller
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
-    staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+    staging = staging_dir_for(config)
     # A rank's error that a restart cannot cure (a refusal from S3, a trial that diverged before
     # its first checkpoint: a sweep's too-high LR) ends the trial at once, not after max_failures.
     fatal = f"trial-fatal/{config.trial}/{uuid.uuid4().hex}"

@@ -174,7 +174,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
 
     from orchestrator.metrics import WorkerGroupStarts
     from orchestrator.progress import progress_bar
-    from orchestrator.train_loop import checkpoint_url, train_loop, worker_config
+    from orchestrator.train_loop import checkpoint_url, staging_dir_for, train_loop, worker_config
     from orchestrator.trainer import build_trainer
 
     config = check_locations(config)
@@ -198,7 +198,7 @@ def run_pretraining(config: PretrainConfig, *, log: Callable[[str], None] = prin
             starts = WorkerGroupStarts.for_run(config.run_name)
             driver_metrics = start_driver_metrics(config, starts, log)
             resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
-            staging = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+            staging = staging_dir_for(config)
             with progress_bar(ray, config.run_name, total=config.steps, initial=last_committed_step(config)) as progress:
                 trainer = build_trainer(
                     train_loop,

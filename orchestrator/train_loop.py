@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -97,6 +98,14 @@ def worker_config(config: PretrainConfig, *, staging_dir: str, record_dir: str |
             "nan_grad_at": {str(k): v for k, v in (nan_grad_at or {}).items()}, "metrics_linger": metrics_linger,
             "starts_prefix": starts_prefix, "fail_at_step": fail_at_step, "trial_gate": trial_gate,
             "progress": progress, "fatal": fatal}
+
+
+def staging_dir_for(run: PretrainConfig) -> str:
+    """The run's own folder of the staging disk (VITSCALE_STAGING_DIR, else $TMPDIR/vitscale-staging):
+    runs that share a node (fine-tuning trials side by side, two runs on one machine) never
+    write each other's checkpoint or export files. Each rank takes a sub-folder of it."""
+    base = os.environ.get("VITSCALE_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "vitscale-staging")
+    return os.path.join(base, re.sub(r"[^A-Za-z0-9._-]+", "-", run.run_name))
 
 
 def train_augmentation(run: PretrainConfig):
