@@ -54,9 +54,17 @@ def free_ports(count: int) -> int:
     are taken only later (a worker binds its own once it runs), and meanwhile Ray, SeaweedFS
     and every client bind ports the kernel hands out from the ephemeral range (a dry run's
     worker once found the port picked for it there taken by then). Where that range leaves
-    no room below it, a port the kernel hands out is the base.
+    no room below it, a port the kernel hands out is the base. VITSCALE_PORTS="LOW-HIGH" narrows
+    the range (processes that pick ports at once on one machine, e.g. parallel test workers,
+    each get a range of their own).
     """
     low, high = FIRST_QUIET_PORT, first_ephemeral_port() - count
+    if span := os.environ.get("VITSCALE_PORTS"):
+        try:
+            low, top = (int(p) for p in span.split("-"))
+        except ValueError:
+            raise PrometheusError(f"VITSCALE_PORTS={span!r}: not LOW-HIGH (e.g. 20000-26000)") from None
+        high = top - count
     pick = random.SystemRandom()  # not the random module's state, which a run may have seeded
     for _ in range(50):
         if high > low:

@@ -1,13 +1,31 @@
-"""Fixtures shared by every test folder: one real S3 server (SeaweedFS on 127.0.0.1) per session."""
+"""Fixtures shared by every test folder: one real S3 server (SeaweedFS on 127.0.0.1) per session.
+
+The suite runs in two pytest-xdist workers (pyproject: `-n 2 --dist loadfile`, each test file
+whole in one of them): most of a test's time here is spent waiting (processes starting, Ray's
+polls, S3 round trips), not computing. Each worker gets a temporary folder of its own (the
+staging disk, Ray Train's and Tune's result folders, Ray's sessions live under it) and a range
+of ports of its own (orchestrator.local_prometheus.free_ports: VITSCALE_PORTS).
+"""
 
 import os
 import signal
 import subprocess
+import tempfile
 
 import pytest
 
-from data_pipelines.embedded_s3 import EmbeddedS3
-from orchestrator.local_prometheus import free_ports
+_worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist
+if _worker and _worker[2:].isdigit():
+    _index, _count = int(_worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _folder = os.path.join(tempfile.gettempdir(), f"vitscale-tests-{_worker}")
+    os.makedirs(_folder, exist_ok=True)
+    os.environ["TMPDIR"] = _folder
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    _span = (30000 - 20000) // max(_count, 1)  # below the kernel's ephemeral range (32768 on Linux)
+    os.environ["VITSCALE_PORTS"] = f"{20000 + _index * _span}-{20000 + (_index + 1) * _span - 1}"
+
+from data_pipelines.embedded_s3 import EmbeddedS3  # noqa: E402
+from orchestrator.local_prometheus import free_ports  # noqa: E402
 
 _handed_out: set[int] = set()
 
