@@ -156,20 +156,28 @@ def remaining_ranges(manifest: Manifest, order: list[int], consumed: dict[str, l
 
 
 def split_ranges(ranges: list[Range], parts: int) -> list[list[Range]]:
-    """Cut the ranges, in order, into `parts` contiguous pieces of equal length (within one)."""
+    """Cut the ranges, in order, into `parts` contiguous pieces of equal length (within one).
+
+    One pass over the ranges and the parts together, O(ranges + parts): every rank runs it at
+    each epoch's start and each resume, and at JFT scale (30,000 shards, 512 ranks x 8 data
+    workers) a loop over every part for every range took 45 s (benchmarks/scale.py)."""
     if any(end is None for _, _, end in ranges):  # unknown lengths: whole ranges, dealt round robin
         return [ranges[k::parts] for k in range(parts)]
     total = sum(end - start for _, start, end in ranges)
     bounds = [total * k // parts for k in range(parts + 1)]
     pieces: list[list[Range]] = [[] for _ in range(parts)]
-    position = 0
+    position, k = 0, 0
     for shard, start, end in ranges:
-        length = end - start
-        for k in range(parts):
-            lo, hi = max(bounds[k], position), min(bounds[k + 1], position + length)
+        stop = position + end - start
+        while k < parts and bounds[k + 1] <= position:  # parts that end before this range
+            k += 1
+        j = k
+        while j < parts and bounds[j] < stop:  # the parts this range overlaps, in order
+            lo, hi = max(bounds[j], position), min(bounds[j + 1], stop)
             if lo < hi:
-                pieces[k].append((shard, start + lo - position, start + hi - position))
-        position += length
+                pieces[j].append((shard, start + lo - position, start + hi - position))
+            j += 1
+        position = stop
     return pieces
 
 
@@ -196,12 +204,22 @@ def merge_loader_states(states: list[dict]) -> dict:
     seeds, epochs = {s["seed"] for s in states}, {s["epoch"] for s in states}
     if len(seeds) != 1 or len(epochs) != 1:
         raise ValueError(f"loader states disagree: seeds {sorted(seeds)}, epochs {sorted(epochs)}")
-    consumed: dict[str, list[list[int]]] = {}
+    # Every rank's intervals of a shard gathered, then sorted and merged once per shard:
+    # O(n log n) in the intervals of all ranks' states (512 ranks x 8 workers mid-epoch), not
+    # a sort per interval inserted.
+    gathered: dict[str, list[list[int]]] = {}
     for state in states:
         for shard, intervals in state["consumed"].items():
-            target = consumed.setdefault(shard, [])
-            for a, b in intervals:
-                _add_interval(target, a, b)
+            gathered.setdefault(shard, []).extend([int(a), int(b)] for a, b in intervals)
+    consumed: dict[str, list[list[int]]] = {}
+    for shard, intervals in gathered.items():
+        intervals.sort()
+        merged = consumed[shard] = []
+        for a, b in intervals:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
     return {"format": STATE_FORMAT, "seed": seeds.pop(), "epoch": epochs.pop(), "consumed": consumed}
 
 

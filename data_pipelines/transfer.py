@@ -37,7 +37,7 @@ import threading
 from typing import Callable
 
 from data_pipelines.s3 import (
-    DataSourceError, S3ClientFactory, client_error, is_s3_url, list_objects, parse_s3_url, s3_errors,
+    DataSourceError, S3ClientFactory, client_error, error_code, is_s3_url, list_objects, parse_s3_url, s3_errors,
 )
 
 CHUNK_BYTES = 8 << 20
@@ -711,6 +711,47 @@ def abort_multipart_uploads(url: str, factory: S3ClientFactory | None = None, *,
     except s3_errors() as error:
         raise client_error(error, url) from None
     return count
+
+
+def list_folders(url: str, factory: S3ClientFactory | None = None) -> list[str]:
+    """The names of the folders directly under the prefix or folder (S3: its CommonPrefixes,
+    listed with a delimiter: one request per thousand folders, whatever they hold), sorted."""
+    if not is_s3_url(url):
+        try:
+            return sorted(e.name for e in os.scandir(url) if e.is_dir())
+        except FileNotFoundError:
+            return []
+    location = parse_s3_url(url)
+    prefix = location.prefix.rstrip("/") + "/" if location.prefix else ""
+    client = (factory or S3ClientFactory()).client()
+    found = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix,
+                                                                    Delimiter="/"):
+            found += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    except s3_errors() as error:
+        raise client_error(error, url) from None
+    return sorted(found)
+
+
+def exists_all(urls: list[str], factory: S3ClientFactory | None = None, *, at_once: int = 16) -> list[bool]:
+    """Whether each object or file exists: one HEAD per S3 object, `at_once` in flight."""
+    def exists(url: str) -> bool:
+        if not is_s3_url(url):
+            return os.path.isfile(url)
+        location = parse_s3_url(url)
+        try:
+            (factory or S3ClientFactory()).client().head_object(Bucket=location.bucket, Key=location.prefix)
+            return True
+        except s3_errors() as error:
+            if error_code(error) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise client_error(error, url) from None
+
+    if len(urls) <= 1:
+        return [exists(u) for u in urls]
+    with concurrent.futures.ThreadPoolExecutor(min(at_once, len(urls))) as pool:
+        return list(pool.map(exists, urls))
 
 
 def list_prefix(url: str, factory: S3ClientFactory | None = None) -> dict[str, int]:

@@ -58,7 +58,41 @@ def run_process(args, *, timeout: float, capture_output: bool = False, text: boo
             kill_group(process.pid)
             stdout, stderr = process.communicate()
             raise subprocess.TimeoutExpired(process.args, timeout, output=stdout, stderr=stderr) from None
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    done.pid = process.pid  # its session's id: what it left running (daemons) is found by it
+    return done
+
+
+def processes_in_session(sid: int) -> list[str]:
+    """'pid command line' of every process of the session `sid` (a child started with
+    start_new_session: its pid), e.g. the daemons `ray start` left running."""
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                    with open(f"/proc/{pid}/cmdline") as g:
+                        left.append(f"{pid} {g.read().replace(chr(0), ' ')[:100]}")
+        except (OSError, IndexError, ValueError):
+            pass
+    return left
+
+
+def kill_session(sid: int, grace: float = 10.0) -> None:
+    """SIGTERM to every process of the session, SIGKILL to those still there after `grace`:
+    a Ray that a test started with `ray start` goes, and no other (`ray stop` stops every Ray
+    of the machine, a parallel test worker's included)."""
+    import time
+
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for line in processes_in_session(sid):
+            try:
+                os.kill(int(line.split()[0]), signum)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while processes_in_session(sid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def kill_group(pid: int) -> None:

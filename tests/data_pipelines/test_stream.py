@@ -255,3 +255,66 @@ def test_a_data_position_naming_shards_the_manifest_no_longer_lists_is_refused_w
     assert "\n" not in line and f"{new}'s manifest no longer lists" in line and "shard-000000.tar" in line
     assert _fatal_line(caught.value) == line
     ShardLoader(str(old), batch_size=8, image_size=16, num_workers=0, seed=7, augmentation="eval").load_state_dict(state)
+
+
+# ---- the epoch's plan, linear: the same output as the implementations it replaced ------------
+
+def _split_ranges_before(ranges, parts):
+    """split_ranges as it was (O(ranges x parts)), the reference for the linear one."""
+    if any(end is None for _, _, end in ranges):
+        return [ranges[k::parts] for k in range(parts)]
+    total = sum(end - start for _, start, end in ranges)
+    bounds = [total * k // parts for k in range(parts + 1)]
+    pieces = [[] for _ in range(parts)]
+    position = 0
+    for shard, start, end in ranges:
+        length = end - start
+        for k in range(parts):
+            lo, hi = max(bounds[k], position), min(bounds[k + 1], position + length)
+            if lo < hi:
+                pieces[k].append((shard, start + lo - position, start + hi - position))
+        position += length
+    return pieces
+
+
+def _merge_before(states):
+    """merge_loader_states' union as it was (an insert and a sort per interval)."""
+    from data_pipelines.stream import _add_interval
+
+    consumed = {}
+    for state in states:
+        for shard, intervals in state["consumed"].items():
+            target = consumed.setdefault(shard, [])
+            for a, b in intervals:
+                _add_interval(target, a, b)
+    return consumed
+
+
+def test_the_linear_plan_cuts_exactly_as_before_on_random_manifests_and_resumed_states():
+    import random
+
+    from data_pipelines.manifest import Manifest, ShardInfo
+    from data_pipelines.stream import STATE_FORMAT, epoch_shard_order, remaining_ranges
+
+    rng = random.Random(26)
+    for trial in range(300):
+        shards = rng.randint(1, 40)
+        lengths = [rng.choice([0, 1, 2, 7, rng.randint(1, 300)]) for _ in range(shards)]
+        manifest = Manifest(shards=[ShardInfo(name=f"s{i}.tar", samples=n, bytes=1)
+                                    for i, n in enumerate(lengths)], class_names=[], label_kind="none")
+        # A resumed state: random consumed intervals per shard, from several "ranks".
+        states = []
+        for _ in range(rng.randint(1, 5)):
+            consumed = {}
+            for i, n in enumerate(lengths):
+                if n and rng.random() < 0.4:
+                    a = rng.randrange(n)
+                    consumed[f"s{i}.tar"] = [[a, rng.randint(a, n)]]
+            states.append({"format": STATE_FORMAT, "seed": 1, "epoch": 0, "consumed": consumed})
+        merged = merge_loader_states(states)["consumed"]
+        assert merged == _merge_before(states)
+        ranges = remaining_ranges(manifest, epoch_shard_order(shards, 1, trial), merged)
+        for parts in (1, 2, 3, rng.randint(1, 64), rng.randint(100, 600)):
+            assert split_ranges(ranges, parts) == _split_ranges_before(ranges, parts), (trial, parts)
+        unknown = [(s, a, None if rng.random() < 0.3 else b) for s, a, b in ranges]  # lengths unknown
+        assert split_ranges(unknown, 7) == _split_ranges_before(unknown, 7)

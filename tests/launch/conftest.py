@@ -3,11 +3,12 @@
 import json
 import sys
 
+from tests.conftest import run_process
+
 # An entry point's main() called with each argv in turn, in one interpreter: a process each
 # costs seconds of imports, and these calls stop before anything is started.
 _MAIN_OF = """
 import contextlib, io, json, runpy, sys
-from tests.conftest import run_process
 main = runpy.run_path(sys.argv[1])["main"]
 results = []
 for argv in json.loads(sys.argv[2]):

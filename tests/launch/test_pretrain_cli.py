@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from tests.conftest import run_process
+from tests.conftest import processes_in_session, run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "pretrain.py")
@@ -255,19 +255,6 @@ def started_until_committed(args, env, log_path, s3_server, bucket, manifest) ->
             time.sleep(0.05)
 
 
-def _processes_in_session(sid: int) -> list[str]:
-    left = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
-                    with open(f"/proc/{pid}/cmdline") as g:
-                        left.append(f"{pid} {g.read().replace(chr(0), ' ')[:100]}")
-        except (OSError, IndexError, ValueError):
-            pass
-    return left
-
-
 def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_server, tmp_path):
     """One run's life through the same command (one test: each start is a local Ray, Ray Train
     and DeepSpeed, ~30 s here). SIGKILL of the driver and its local Ray after a commit; resumed,
@@ -315,18 +302,18 @@ def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_serv
         stood = int(match.group(1))
         assert wait_for_step <= stood == committed()[-1] < 50, (stood, committed())
         deadline = time.monotonic() + 30
-        while _processes_in_session(run.pid) and time.monotonic() < deadline:
+        while processes_in_session(run.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _processes_in_session(run.pid) == []
+        assert processes_in_session(run.pid) == []
         return stood, text
 
     killed, _ = started("killed", 2, 5)
     os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
     killed.wait()
     deadline = time.monotonic() + 60  # Ray's workers outlive the group's SIGKILL by a moment: they may still commit
-    while _processes_in_session(killed.pid) and time.monotonic() < deadline:
+    while processes_in_session(killed.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _processes_in_session(killed.pid) == []
+    assert processes_in_session(killed.pid) == []
     after_kill = committed()[-1]
     first, text = stopped("first", 2, signal.SIGINT)
     assert f"resumed from step {after_kill}" in text and "converted" not in text

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_process
+from tests.conftest import free_port, kill_session, run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -60,13 +60,19 @@ def head(s3_server, tmp_path_factory):
              [f"--address=127.0.0.1:{gcs}", "--num-cpus=3", f"--dashboard-agent-listen-port={free_port()}",
               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
               f"--temp-dir={worker_temp}"]]
-    for args in nodes:
-        start = run_process([f"{BIN}/ray", "start", *args], env=env, cwd=home, capture_output=True, text=True,
-                               timeout=180)
-        assert start.returncode == 0, start.stdout + start.stderr
-    yield env, f"http://127.0.0.1:{dashboard}"
-    run_process([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-    shutil.rmtree(worker_temp, ignore_errors=True)
+    sessions = []
+    try:
+        for args in nodes:
+            start = run_process([f"{BIN}/ray", "start", *args], env=env, cwd=home, capture_output=True, text=True,
+                                timeout=180)
+            sessions.append(start.pid)  # each node's daemons stay in its `ray start`'s session
+            assert start.returncode == 0, start.stdout + start.stderr
+        yield env, f"http://127.0.0.1:{dashboard}"
+    finally:
+        # Not `ray stop`: it stops every Ray of the machine (a parallel test worker's too).
+        for sid in reversed(sessions):
+            kill_session(sid)
+        shutil.rmtree(worker_temp, ignore_errors=True)
 
 
 def submit(env, address, *entrypoint, timeout=600, working_dir=True):

@@ -201,6 +201,41 @@ def test_corrupted_object_falls_back_to_the_previous_checkpoint(s3_server, run_u
         assert_same_state(load(dumps / f"restored-rank-{rank}.pt"), load(dumps / f"step-2-rank-{rank}.pt"))
 
 
+def test_listing_the_steps_takes_one_request_per_step_however_many_objects_each_holds(s3_server, run_url):
+    """list_steps (every commit's retention, every restore): the step folders listed with a
+    delimiter, each manifest looked up; the requests count the steps, not the objects in them
+    (512 ranks' files in each of hundreds of kept steps)."""
+    import concurrent.futures
+
+    from orchestrator.checkpoint import list_steps
+
+    factory = s3_server.client_factory()
+    location = parse_s3_url(run_url)
+    s3 = factory.client()
+    requests = []
+    s3.meta.events.register("before-send.s3", lambda request, **_: requests.append(request.method))
+
+    def put(key: str) -> None:
+        s3.put_object(Bucket=location.bucket, Key=f"{location.prefix}/{key}", Body=b"")
+
+    def fill(step: int, objects: int, manifest: bool) -> None:
+        names = [f"step-{step:08d}/ranks/a/rank-{r:05d}.json" for r in range(objects)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, names + ([f"step-{step:08d}/manifest.json"] if manifest else [])))
+
+    fill(2, 3, True)
+    fill(4, 3, False)  # partial: files, no manifest
+    fill(6, 3, True)
+    put("lease.json")  # not a step
+    requests.clear()
+    assert list_steps(run_url, factory) == ([2, 6], [4])
+    few = list(requests)
+    fill(6, 2500, True)  # the same steps, one of them 2,500 objects more
+    requests.clear()
+    assert list_steps(run_url, factory) == ([2, 6], [4])
+    assert requests == few and sorted(few) == ["GET"] + ["HEAD"] * 3, few  # one listing, one HEAD per step
+
+
 def test_retention_keeps_the_last_k_and_every_mth(s3_server, run_url, tmp_path):
     run_ranks(s3_server, 1, "--url", run_url, "--staging", tmp_path / "a", "--dumps", tmp_path / "d",
               "--steps", 7, "--save-at", "1,2,3,4,5,6,7", "--keep-last", 2, "--keep-every", 3)
