@@ -1,6 +1,6 @@
 """JFT scale, simulated: the per-rank costs of an epoch's plan and of a resume's data position.
 
-    .venv/bin/python benchmarks/scale.py [--rounds 3]
+    .venv/bin/python benchmarks/scale.py [--rounds 5]
 
 Metadata only, no images: a manifest of 30,000 shards of ~10,100 samples (JFT-300M's ~303M
 images), 512 ranks x 8 data workers. Every rank computes the epoch's plan (the shard order,
@@ -121,7 +121,7 @@ def checkpoint_requests(kept_steps: int = 20, ranks: int = RANKS) -> tuple[int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     jft, double, small = manifest(SHARDS), manifest(2 * SHARDS), manifest(4_000)

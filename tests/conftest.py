@@ -30,6 +30,21 @@ from orchestrator.local_prometheus import free_ports  # noqa: E402
 _handed_out: set[int] = set()
 
 
+# The test files that take longest here (minutes each; `--durations`), first: the two xdist
+# workers take files in collection order, and a long file started last would run alone at the end.
+LONGEST_FIRST = ("orchestrator/test_pretraining.py", "launch/test_pretrain_cli.py", "orchestrator/test_checkpoint.py",
+                 "orchestrator/test_finetuning.py", "launch/test_ray_job.py", "orchestrator/test_metrics.py",
+                 "orchestrator/test_engine.py", "orchestrator/test_universal.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the order stays
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now, below the kernel's ephemeral range and not handed out by this
     function before. With a port the kernel picked (bind to 0), Ray's own connections, made from
