@@ -326,10 +326,10 @@ def _trial_driver(params: dict) -> None:
     from ray import tune
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+    from orchestrator.pretraining import failure_line
     from orchestrator.progress import fatal_reported, forget_fatal
     from orchestrator.ray_workers import train_controller_env
     from orchestrator.train_loop import staging_dir_for, train_loop, worker_config
-    from orchestrator.pretraining import failure_line
     from orchestrator.trainer import NotRetried, TrialFailed, build_trainer
 
     config = TrialConfig.model_validate(params["trial"])

@@ -118,7 +118,10 @@ def connect_ray(config: PretrainConfig):
         # here (its main thread wakes 100 times a second). For the same reason no worker is
         # prestarted for the driver's tasks: a run creates only actors, each in a process of
         # its own, so that worker sat idle all run long (and took ~80 MB).
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
+        # address="local": a new Ray of its own, also where `ray start` left a cluster running on
+        # this machine (ray.init() would join that one through /tmp/ray/ray_current_cluster, and
+        # refuse num_cpus there); joining a cluster is what RAY_ADDRESS says.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
                  _system_config={"prestart_worker_first_driver": False},
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                                           **train_controller_env()},

@@ -120,6 +120,26 @@ print("IMPORTED", where, node != ray.get_runtime_context().get_node_id())
 """
 
 
+LOCAL = """
+from orchestrator.config import resolve_pretrain_config
+from orchestrator.pretraining import connect_ray, ray_started_here
+ray = connect_ray(resolve_pretrain_config("ViT-B/16", "JFT-300M", {"workers": 1}, dry_run=True))
+print("OWN RAY", ray_started_here(ray), ray.cluster_resources().get("CPU"))
+ray.shutdown()
+"""
+
+
+def test_a_direct_run_starts_its_own_ray_beside_a_cluster_that_ray_start_left_on_the_machine(head):
+    """Without RAY_ADDRESS a direct run starts a local Ray of its own, also while `ray start`'s
+    cluster runs on the machine (ray.init() would join that one, found through
+    /tmp/ray/ray_current_cluster, and refuse the run's num_cpus there)."""
+    env, _ = head
+    alone = {k: v for k, v in env.items() if not k.startswith("RAY_")}
+    out = run_process([sys.executable, "-c", LOCAL], env=alone, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OWN RAY True 4.0" in out.stdout, out.stdout + out.stderr[-2000:]  # the dry run's 4, not the cluster's 3
+
+
 def test_a_job_without_a_working_dir_finds_vitscale_through_the_pods_pythonpath(head):
     """KubeRay's submitter sends the entrypoint alone (no working_dir): the driver and the
     workers on other nodes import vitscale from the image, through the pods' PYTHONPATH."""
