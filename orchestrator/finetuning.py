@@ -657,19 +657,14 @@ def _take_the_results(settings: FanoutSettings, log: Callable[[str], None]):
     """The fan-out's lease, `<results>/lease.json` (orchestrator/lease.py, as a pretraining run
     takes its own): two fan-outs writing the same results would run every trial twice and
     overwrite each other's records. ConfigError naming the driver that holds it."""
-    import _thread
-    import signal
+    from data_pipelines.s3 import join_location
+    from orchestrator.lease import LeaseUnavailable, hold
 
-    from data_pipelines.s3 import DataSourceError, join_location
-    from orchestrator.lease import LeaseHeld, RunLease
-
-    lease = RunLease(join_location(settings.results, "lease.json"), log=log, elsewhere="another --results")
     try:
-        lease.acquire()
-    except (LeaseHeld, DataSourceError) as error:
-        raise ConfigError(f"fine-tuning {settings.run}: {error}") from None
-    lease.start_renewing(on_lost=lambda line: _thread.interrupt_main(signal.SIGINT))
-    return lease
+        return hold(join_location(settings.results, "lease.json"), what=f"fine-tuning {settings.run}", log=log,
+                    elsewhere="another --results")
+    except LeaseUnavailable as error:
+        raise ConfigError(str(error)) from None
 
 
 def _fan_out(settings: FanoutSettings, trials: list[Trial], configs: dict, records: dict, classes: dict, lease, *,

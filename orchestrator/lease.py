@@ -49,6 +49,10 @@ class LeaseLost(RuntimeError):
     """This driver's lease was taken over (it was not renewed in time): the run must stop."""
 
 
+class LeaseUnavailable(RuntimeError):
+    """The lease could not be taken: one line (the caller's usage error, exit status 2)."""
+
+
 class RunLease:
     def __init__(self, url: str, *, ttl: float = TTL_SECONDS, factory: S3ClientFactory | None = None,
                  log: Callable[[str], None] = print, elsewhere: str = "another --set run_name=..."):
@@ -216,6 +220,24 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def hold(url: str, *, what: str, log: Callable[[str], None] = print,
+         elsewhere: str = "another --set run_name=...") -> RunLease:
+    """The lease at `url`, taken and renewed while this driver lives, for a driver's main
+    thread: a lease taken over later interrupts it as Ctrl-C does (`lease.lost` says why).
+    LeaseUnavailable ("<what>: <one line>") when another driver holds it or the location
+    cannot be written."""
+    import _thread
+    import signal
+
+    lease = RunLease(url, log=log, elsewhere=elsewhere)
+    try:
+        lease.acquire()
+    except (LeaseHeld, DataSourceError) as error:
+        raise LeaseUnavailable(f"{what}: {error}") from None
+    lease.start_renewing(on_lost=lambda line: _thread.interrupt_main(signal.SIGINT))
+    return lease
 
 
 def _stale(holder: dict, age: float, ttl: float) -> bool:

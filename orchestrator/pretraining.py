@@ -259,19 +259,14 @@ def _take_the_run(config: PretrainConfig, log: Callable[[str], None]):
     """The run's lease (orchestrator/lease.py), renewed while this driver lives; PreflightError
     naming the driver that holds it. A lease taken over later (this driver stopped renewing
     for its whole ttl) stops this run as Ctrl-C does, with that line."""
-    import _thread
-
-    from data_pipelines.s3 import DataSourceError, join_location
-    from orchestrator.lease import LeaseHeld, RunLease
+    from data_pipelines.s3 import join_location
+    from orchestrator.lease import LeaseUnavailable, hold
     from orchestrator.train_loop import run_url
 
-    lease = RunLease(join_location(run_url(config), "lease.json"), log=log)
     try:
-        lease.acquire()
-    except (LeaseHeld, DataSourceError) as error:
-        raise PreflightError(f"run {config.run_name}: {error}") from None
-    lease.start_renewing(on_lost=lambda line: _thread.interrupt_main(signal.SIGINT))
-    return lease
+        return hold(join_location(run_url(config), "lease.json"), what=f"run {config.run_name}", log=log)
+    except LeaseUnavailable as error:
+        raise PreflightError(str(error)) from None
 
 
 @contextlib.contextmanager
