@@ -567,6 +567,7 @@ class _Worker:
         if not fault or self.step != fault["step"] or self.rank != 0 or fault["how"] == "corrupt":
             return
         if fault["how"] == "revoke":
+            self.checkpoints.wait()  # an earlier step's commit in flight goes through first: the next save is the refused one
             os.environ.update(fault["environment"])  # S3ClientFactory makes new clients under it
             return
         if fault["how"] == "raise":
