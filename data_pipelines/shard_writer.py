@@ -27,18 +27,20 @@ import json
 import logging
 import os
 import random
-import re
 from typing import Callable, Iterable, Iterator
 
+from data_pipelines.image_inputs import IMAGE_SUFFIXES, LABELS_FILE, InputError, InputImage, find_inputs  # noqa: F401
+from data_pipelines.image_inputs import key_for as _key_for  # noqa: F401 (downstream.py's keys)
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from data_pipelines.preflight import check_writable
-from data_pipelines.s3 import DataSourceError, S3ClientFactory, client_error, is_s3_url, join_location, parse_s3_url
-from data_pipelines.storage import write_bytes
+from data_pipelines.s3 import (
+    DataSourceError, S3ClientFactory, client_error, error_code, is_s3_url, join_location, parse_s3_url, s3_errors,
+)
+from data_pipelines.storage import read_bytes, write_bytes
+from data_pipelines.transfer import sha256_file
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-LABELS_FILE = "labels.json"
 MULTIPART_BYTES = 16 << 20
 
 
@@ -81,6 +83,22 @@ def _encode_sample(sample: Sample) -> dict:
     return record
 
 
+def _upload_shard(url: str, data: bytes, factory: S3ClientFactory) -> None:
+    """A shard onto S3: one PUT, or a parallel multipart upload above MULTIPART_BYTES."""
+    from boto3.exceptions import S3UploadFailedError
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = parse_s3_url(url)
+    config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES, max_concurrency=4)
+    try:
+        factory.client().upload_fileobj(io.BytesIO(data), location.bucket, location.prefix, Config=config)
+    except (BotoCoreError, ClientError) as error:
+        raise client_error(error, url) from None
+    except S3UploadFailedError as error:  # wraps the ClientError's own one-line text
+        raise DataSourceError(f"{url}: upload failed: {error}") from None
+
+
 class _ShardSink:
     """Puts finished shards where they go: a folder (write + rename) or S3 (threaded multipart)."""
 
@@ -100,21 +118,7 @@ class _ShardSink:
             return
         while len(self.pending) >= 2 * self.upload_workers:  # bound the shards held in memory
             self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(self._upload, url, data))
-
-    def _upload(self, url: str, data: bytes) -> None:
-        from boto3.exceptions import S3UploadFailedError
-        from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        location = parse_s3_url(url)
-        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES, max_concurrency=4)
-        try:
-            self.factory.client().upload_fileobj(io.BytesIO(data), location.bucket, location.prefix, Config=config)
-        except (BotoCoreError, ClientError) as error:
-            raise client_error(error, url) from None
-        except S3UploadFailedError as error:  # wraps the ClientError's own one-line text
-            raise DataSourceError(f"{url}: upload failed: {error}") from None
+        self.pending.append(self.pool.submit(_upload_shard, url, data, self.factory))
 
     def finish(self) -> None:
         try:
@@ -187,64 +191,19 @@ def write_shards(
     return WriteSummary(output=output, manifest=manifest, written=written, skipped=skipped)
 
 
-# ---- image folders ------------------------------------------------------------------------
+# ---- images to shards, a shard at a time: in this process, in processes, or as Ray tasks ---
 
-@dataclasses.dataclass(frozen=True)
-class _InputImage:
-    path: str
-    key: str
-    label: int | list[int]
-
-
-def _key_for(relative_path: str) -> str:
-    stem = os.path.splitext(relative_path)[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+RECORDS_FOLDER = "_written"  # <output>/_written/<shard>.json: what a shard holds, written once it has landed
+IMAGE_READS_AT_ONCE = 16  # a task's image GETs in flight (S3 answers in tens of ms: latency, not bandwidth)
+PLAN_VERSION = 1  # in every shard's digest: a change of what a shard holds for the same inputs rewrites it
+MISSING_CODES = ("NoSuchKey", "404", "NotFound")
 
 
-def find_inputs(input_dir: str) -> tuple[list[_InputImage], list[str], str]:
-    """(images, class names, label kind) for an ImageFolder tree or a folder with labels.json."""
-    if not os.path.isdir(input_dir):
-        raise ShardWriteError(f"{input_dir}: no such folder")
-    labels_path = os.path.join(input_dir, LABELS_FILE)
-    images: list[_InputImage] = []
-    if os.path.exists(labels_path):
-        try:
-            with open(labels_path) as f:
-                labels = json.load(f)
-            if not isinstance(labels, dict) or not all(isinstance(v, list) for v in labels.values()):
-                raise ValueError("expected an object mapping file name -> list of class names")
-        except ValueError as error:
-            raise ShardWriteError(f"{labels_path}: {error}") from None
-        class_names = sorted({str(c) for names in labels.values() for c in names})
-        index = {name: i for i, name in enumerate(class_names)}
-        for file_name in sorted(labels):
-            path = os.path.join(input_dir, file_name)
-            if not os.path.isfile(path):
-                raise ShardWriteError(f"{labels_path}: lists {file_name!r}, which is not in {input_dir}")
-            images.append(_InputImage(path, _key_for(file_name), sorted({index[str(c)] for c in labels[file_name]})))
-        return images, class_names, "multi_label"
-    class_names = sorted(d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d)))
-    if not class_names:
-        raise ShardWriteError(f"{input_dir}: neither class subfolders nor {LABELS_FILE}")
-    for label, class_name in enumerate(class_names):
-        class_dir = os.path.join(input_dir, class_name)
-        for root, _, files in sorted(os.walk(class_dir)):
-            for file_name in sorted(files):
-                if file_name.lower().endswith(IMAGE_SUFFIXES):
-                    relative = os.path.relpath(os.path.join(root, file_name), input_dir)
-                    images.append(_InputImage(os.path.join(root, file_name), _key_for(relative), label))
-    if not images:
-        raise ShardWriteError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class subfolders")
-    return images, class_names, "class"
-
-
-def prepare_image(path: str, resize_shorter: int | None) -> tuple[bytes, str] | str:
-    """(bytes, "jpg"|"png") ready for a shard, or the reason the file cannot be decoded."""
+def prepare_bytes(original: bytes, resize_shorter: int | None) -> tuple[bytes, str] | str:
+    """(bytes, "jpg"|"png") ready for a shard, or the reason the image cannot be decoded."""
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
-            original = f.read()
         with Image.open(io.BytesIO(original)) as image:
             image.load()  # a full decode: truncated or corrupt files fail here, not at training time
             image_format = image.format
@@ -267,6 +226,16 @@ def prepare_image(path: str, resize_shorter: int | None) -> tuple[bytes, str] | 
         return f"{type(error).__name__}: {error}"
 
 
+def prepare_image(path: str, resize_shorter: int | None) -> tuple[bytes, str] | str:
+    """prepare_bytes of a local file, or the reason it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            original = f.read()
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror}"
+    return prepare_bytes(original, resize_shorter)
+
+
 def _prepare(args: tuple[str, int | None]):
     return prepare_image(*args)
 
@@ -281,46 +250,295 @@ def _bounded_map(pool: concurrent.futures.Executor, jobs: Iterator, window: int)
         yield from pool.map(_prepare, block, chunksize=16)
 
 
+def _read_input(url: str, factory: S3ClientFactory | None) -> bytes | None:
+    """An input image's bytes; None when it is not there (skipped and counted, like an image
+    that does not decode). Any other failure (access denied, a server that stays down) raises:
+    it would fail every image after it."""
+    if not is_s3_url(url):
+        try:
+            with open(url, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise DataSourceError(f"{url}: {error.strerror}") from None
+    try:
+        return read_bytes(url, factory)
+    except DataSourceError as error:
+        if error.code in MISSING_CODES:
+            return None
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """One shard of a conversion: its place in the plan and the images it holds, in order."""
+    index: int
+    images: tuple[InputImage, ...]
+    resize_shorter: int | None
+
+    @property
+    def name(self) -> str:
+        return _shard_name(self.index)
+
+    def digest(self) -> str:
+        """What the shard is made of: a shard written from other inputs (another seed, shard
+        size or resize, an edited list) is not taken for this one."""
+        described = [PLAN_VERSION, self.resize_shorter,
+                     [[image.url, image.key, image.label] for image in self.images]]
+        return hashlib.sha256(json.dumps(described, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardReport:
+    """What a task reports for its shard (and keeps as the shard's record, less `kept` and `process`)."""
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    skipped: int
+    inputs: str  # ShardJob.digest()
+    etag: str | None = None  # S3's ETag of the shard, which changes when the object is replaced
+    kept: bool = False  # already written and verified by an earlier run: not written again
+    process: str = ""  # host:pid of the process that wrote or verified it
+
+    def record(self) -> bytes:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("kept", "process")}
+        return json.dumps(fields, sort_keys=True).encode()
+
+
+def _record_url(output: str, name: str) -> str:
+    return join_location(join_location(output, RECORDS_FOLDER), name.replace(".tar", ".json"))
+
+
+def _head(url: str, factory: S3ClientFactory) -> dict | None:
+    location = parse_s3_url(url)
+    try:
+        return factory.client().head_object(Bucket=location.bucket, Key=location.prefix)
+    except s3_errors() as error:
+        if error_code(error) in MISSING_CODES:
+            return None
+        raise client_error(error, url) from None
+
+
+def _written_before(job: ShardJob, output: str, factory: S3ClientFactory) -> ShardReport | None:
+    """The shard's report when an earlier run wrote this very shard and it is still there,
+    whole: its record names the same inputs, and the shard has the recorded size and (S3) ETag
+    or (a folder) sha256. A record is written only after its shard landed."""
+    record_url = _record_url(output, job.name)
+    try:
+        if is_s3_url(record_url) and _head(record_url, factory) is None:
+            return None
+        report = ShardReport(**json.loads(read_bytes(record_url, factory)))
+    except (DataSourceError, ValueError, TypeError):  # no record, or not one of ours
+        return None
+    if report.inputs != job.digest():
+        return None
+    if report.samples == 0:
+        return report  # every image skipped: no shard to look at
+    shard_url = join_location(output, job.name)
+    if is_s3_url(shard_url):
+        head = _head(shard_url, factory)
+        whole = head is not None and head["ContentLength"] == report.bytes and head["ETag"] == report.etag
+    else:
+        whole = os.path.isfile(shard_url) and os.path.getsize(shard_url) == report.bytes \
+            and sha256_file(shard_url) == report.sha256
+    return report if whole else None
+
+
+def write_shard(job: ShardJob, output: str, factory: S3ClientFactory | None = None) -> ShardReport:
+    """Writes one shard of the plan (or finds it written) and its record; returns its report.
+    What a Ray task or a worker process runs."""
+    import socket
+
+    import webdataset as wds
+
+    factory = factory or S3ClientFactory()
+    process = f"{socket.gethostname()}:{os.getpid()}"
+    earlier = _written_before(job, output, factory)
+    if earlier is not None:
+        return dataclasses.replace(earlier, kept=True, process=process)
+    buffer = io.BytesIO()
+    writer = wds.TarWriter(buffer, mtime=0)  # an int: a float mtime makes tarfile add a PAX header per member
+    samples = skipped = 0
+    with concurrent.futures.ThreadPoolExecutor(IMAGE_READS_AT_ONCE) as pool:
+        originals = _read_ahead(pool, job.images, factory)
+        for image, original in zip(job.images, originals):
+            prepared = "not found" if original is None else prepare_bytes(original, job.resize_shorter)
+            if isinstance(prepared, str):
+                skipped += 1
+                log.warning("skipping undecodable image %s: %s", image.url, prepared)
+                continue
+            data, ext = prepared
+            writer.write(_encode_sample(Sample(image.key, data, ext, image.label)))
+            samples += 1
+    writer.close()
+    data = buffer.getvalue()
+    etag = None
+    if samples:
+        shard_url = join_location(output, job.name)
+        if is_s3_url(shard_url):
+            _upload_shard(shard_url, data, factory)
+            etag = _head(shard_url, factory)["ETag"]
+        else:
+            write_bytes(shard_url, data)
+    report = ShardReport(job.name, samples, len(data) if samples else 0, hashlib.sha256(data).hexdigest() if samples else "",
+                         skipped, job.digest(), etag, process=process)
+    write_bytes(_record_url(output, job.name), report.record(), factory)
+    return report
+
+
+def _read_ahead(pool: concurrent.futures.Executor, images: tuple[InputImage, ...],
+                factory: S3ClientFactory) -> Iterator[bytes | None]:
+    """The images' bytes in order, IMAGE_READS_AT_ONCE reads in flight ahead of the decoding."""
+    pending: list[concurrent.futures.Future] = []
+    upcoming = iter(images)
+    for image in itertools.islice(upcoming, IMAGE_READS_AT_ONCE):
+        pending.append(pool.submit(_read_input, image.url, factory))
+    while pending:
+        result = pending.pop(0).result()
+        following = next(upcoming, None)
+        if following is not None:
+            pending.append(pool.submit(_read_input, following.url, factory))
+        yield result
+
+
+def plan_shards(images: list[InputImage], samples_per_shard: int, resize_shorter: int | None,
+                seed: int = 0) -> list[ShardJob]:
+    """The conversion's shards: the images (sorted by key) shuffled with `seed` so that every
+    shard mixes classes, then cut in order, `samples_per_shard` a shard. The same input and
+    options give the same shards, named the same, wherever and however often they run."""
+    order = list(images)
+    random.Random(seed).shuffle(order)
+    return [ShardJob(i, tuple(order[start:start + samples_per_shard]), resize_shorter)
+            for i, start in enumerate(range(0, len(order), samples_per_shard))]
+
+
+@dataclasses.dataclass
+class ConversionSummary(WriteSummary):
+    kept: int = 0  # shards an earlier run had written, verified and kept
+    processes: int = 1  # processes (Ray workers) that wrote or verified shards
+
+    def line(self) -> str:
+        extra = f"; {self.kept} shards already written and kept" if self.kept else ""
+        where = f" by {self.processes} processes" if self.processes > 1 else ""
+        return (f"wrote {self.written} samples in {len(self.manifest.shards)} shards to {self.output}{where}"
+                f" ({self.skipped} undecodable inputs skipped{extra})")
+
+
 def make_shards(
-    input_dir: str,
+    input_url: str,
     output: str,
     *,
     samples_per_shard: int = 1000,
     resize_shorter: int | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     seed: int = 0,
     factory: S3ClientFactory | None = None,
     progress: bool = True,
-) -> WriteSummary:
-    """The one function behind `launch/make_shards.py`."""
-    images, class_names, label_kind = find_inputs(input_dir)
+    ray: bool = False,
+) -> ConversionSummary:
+    """The one function behind `launch/make_shards.py` for image folders and lists (local or
+    on S3): lists the input, plans the shards, writes each (in this process, in `workers`
+    processes, or as Ray tasks, `workers` at once or as many as the cluster has CPUs), and
+    writes the manifest last, of the shards in plan order. Shards that an earlier run wrote
+    and that verify are kept, so an interrupted conversion resumes."""
+    if samples_per_shard < 1:
+        raise ShardWriteError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    try:
+        images, class_names, label_kind = find_inputs(input_url, factory)
+    except InputError as error:
+        raise ShardWriteError(str(error)) from None
     check_writable(output, factory)  # before decoding anything
-    random.Random(seed).shuffle(images)
-    skipped = 0
+    jobs = plan_shards(images, samples_per_shard, resize_shorter, seed)
+    run = _run_on_ray if ray else _run_here
+    reports = run(jobs, output, factory, workers, progress)
+    shards = [ShardInfo(r.name, r.samples, r.bytes, r.sha256) for r in reports if r.samples]
+    skipped = sum(r.skipped for r in reports)
+    manifest = Manifest(shards=shards, class_names=list(class_names), label_kind=label_kind, skipped=skipped)
+    write_bytes(join_location(output, MANIFEST_NAME), manifest.to_json().encode("utf-8"), factory)
+    return ConversionSummary(output=output, manifest=manifest, written=sum(r.samples for r in reports), skipped=skipped,
+                             kept=sum(r.kept for r in reports), processes=len({r.process for r in reports}))
 
-    def samples() -> Iterator[Sample]:
-        nonlocal skipped
-        jobs = ((image.path, resize_shorter) for image in images)
-        if workers > 1:
-            pool = concurrent.futures.ProcessPoolExecutor(workers)
-            prepared = _bounded_map(pool, jobs, window=workers * 256)
+
+def _bar(jobs: list[ShardJob], output: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=len(jobs), unit="shard", desc=f"shards to {output}", disable=not progress)
+
+
+def _run_here(jobs: list[ShardJob], output: str, factory: S3ClientFactory | None, workers: int | None,
+              progress: bool) -> list[ShardReport]:
+    """The shards in this process, or in `workers` processes (whole shards each)."""
+    reports: dict[int, ShardReport] = {}
+    with _bar(jobs, output, progress) as bar:
+        if (workers or 1) <= 1:
+            for job in jobs:
+                reports[job.index] = write_shard(job, output, factory)
+                bar.update()
         else:
-            pool, prepared = None, map(_prepare, jobs)
-        try:
-            for image, result in zip(images, prepared):
-                if isinstance(result, str):
-                    skipped += 1
-                    log.warning("skipping undecodable image %s: %s", image.path, result)
-                    continue
-                data, ext = result
-                yield Sample(image.key, data, ext, image.label)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+                upcoming = iter(jobs)
+                pending = {pool.submit(write_shard, job, output, factory): job
+                           for job in itertools.islice(upcoming, 2 * workers)}
+                while pending:
+                    done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        reports[pending.pop(future).index] = future.result()
+                        bar.update()
+                        following = next(upcoming, None)
+                        if following is not None:
+                            pending[pool.submit(write_shard, following, output, factory)] = following
+    return [reports[job.index] for job in jobs]
 
-    summary = write_shards(
-        samples(), output, class_names=class_names, label_kind=label_kind, samples_per_shard=samples_per_shard,
-        upload_workers=max(2, workers), factory=factory, total=len(images), progress=progress,
-        skipped=lambda: skipped,
-    )
-    return summary
+
+def connect_ray(workers: int | None = None):
+    """Join the cluster this runs on (a Ray job, or RAY_ADDRESS), else start a local Ray with
+    this machine's CPUs (or `workers`, if more) and the repository on its workers' import path."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address="auto", logging_level="WARNING")
+        else:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers or 1), include_dashboard=False,
+                     logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": root}})
+    return ray
+
+
+def _run_on_ray(jobs: list[ShardJob], output: str, factory: S3ClientFactory | None, workers: int | None,
+                progress: bool) -> list[ShardReport]:
+    """A Ray task a shard (1 CPU each), `workers` in flight or as many as the cluster has
+    CPUs; the tasks read their images and write their shards themselves, the driver holds only
+    the plan and the reports. A task whose worker dies is run again by Ray (max_retries); one
+    that raises stops the conversion with its error's line (the shards written are kept)."""
+    ray = connect_ray(workers)
+    from ray.exceptions import RayTaskError
+
+    in_flight = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    reports: dict[int, ShardReport] = {}
+    upcoming = iter(jobs)
+    pending = {task.remote(job, output, factory): job for job in itertools.islice(upcoming, in_flight)}
+    with _bar(jobs, output, progress) as bar:
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    job = pending.pop(ref)
+                    try:
+                        reports[job.index] = ray.get(ref)
+                    except RayTaskError as error:
+                        cause = getattr(error, "cause", None)
+                        if isinstance(cause, (ShardWriteError, DataSourceError)):
+                            raise cause from None  # its one line, not the task's traceback
+                        raise
+                    bar.update()
+                    following = next(upcoming, None)
+                    if following is not None:
+                        pending[task.remote(following, output, factory)] = following
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+    return [reports[job.index] for job in jobs]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines.image_inputs import key_for
 from data_pipelines.manifest import load_shard_list
 from data_pipelines.s3 import parse_s3_url
 from data_pipelines.shard_writer import make_shards
@@ -130,3 +131,178 @@ def test_large_shards_go_up_as_multipart_uploads(fresh_prefix, s3, monkeypatch):
     assert head["ETag"].strip('"').endswith("-3")  # an S3 multipart ETag: md5-of-parts-N
     data = s3.client().get_object(Bucket=location.bucket, Key=location.key(shard.name))["Body"].read()
     assert hashlib.sha256(data).hexdigest() == shard.sha256 and _read_tar(data)["blob1.png"] == blobs[1]
+
+
+# ---- on S3, from lists, through Ray tasks, resumed --------------------------------------------
+
+def _upload_tree(folder, url, s3):
+    location = parse_s3_url(url)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            s3.client().upload_file(path, location.bucket, location.key(os.path.relpath(path, folder)))
+
+
+def _shard_objects(url, s3):
+    location = parse_s3_url(url)
+    listed = s3.client().list_objects_v2(Bucket=location.bucket, Prefix=location.key(""))["Contents"]
+    return {o["Key"][len(location.key("")):]: (o["ETag"], o["LastModified"]) for o in listed}
+
+
+def _read_back(paths):
+    """The samples as upstream webdataset reads them: {key: {extension: bytes}}."""
+    import webdataset as wds
+
+    return {sample["__key__"]: sample for sample in wds.WebDataset(paths, shardshuffle=False, empty_check=False)}
+
+
+def test_an_image_folder_on_s3_converts_through_ray_tasks_and_a_rerun_writes_only_what_is_missing(
+        image_folder, tmp_path, s3_server, fresh_prefix, s3):
+    """The fixture's tree copied to SeaweedFS, converted by the CLI as 2 Ray tasks at once on a
+    local Ray: the same shards, bit for bit, as the tree on disk converted in this process (the
+    plan does not depend on where or how it runs). A run again rewrites nothing; after a shard
+    is deleted and another replaced (a conversion cut short, a stray write), it writes those two
+    and no other, and the manifest comes out the same."""
+    reference = make_shards(image_folder, str(tmp_path / "on-disk"), samples_per_shard=4, progress=False)
+    _upload_tree(image_folder, f"{fresh_prefix}/raw", s3)
+    out = make_shards_cli("--input", f"{fresh_prefix}/raw", "--output", f"{fresh_prefix}/out", "--samples-per-shard", "4",
+                          "--ray", "--workers", "2", env=s3_server.environment())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == (f"wrote 15 samples in 4 shards to {fresh_prefix}/out by 2 processes "
+                                                   f"(1 undecodable inputs skipped)")
+    assert "broken.jpg" in out.stderr and s3_server.secret_access_key not in out.stdout + out.stderr
+    _, manifest = load_shard_list(f"{fresh_prefix}/out", s3)
+    assert manifest == reference.manifest and manifest.skipped == 1
+    before = _shard_objects(f"{fresh_prefix}/out", s3)
+    assert sorted(before) == ["_written/shard-00000%d.json" % i for i in range(4)] + [
+        "manifest.json"] + ["shard-00000%d.tar" % i for i in range(4)]
+
+    again = make_shards(f"{fresh_prefix}/raw", f"{fresh_prefix}/out", samples_per_shard=4, factory=s3, progress=False)
+    assert (again.kept, again.manifest) == (4, reference.manifest)
+    after = _shard_objects(f"{fresh_prefix}/out", s3)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items()
+                                                                         if k != "manifest.json"}
+
+    location = parse_s3_url(f"{fresh_prefix}/out")
+    s3.client().delete_object(Bucket=location.bucket, Key=location.key("shard-000001.tar"))
+    s3.client().put_object(Bucket=location.bucket, Key=location.key("shard-000002.tar"), Body=b"x" * manifest.shards[2].bytes)
+    s3.client().delete_object(Bucket=location.bucket, Key=location.key("manifest.json"))
+    resumed = make_shards(f"{fresh_prefix}/raw", f"{fresh_prefix}/out", samples_per_shard=4, factory=s3, progress=False)
+    assert (resumed.kept, resumed.manifest) == (2, reference.manifest)
+    rewritten = {k for k, v in _shard_objects(f"{fresh_prefix}/out", s3).items() if before.get(k) != v}
+    assert rewritten == {"manifest.json", "shard-000001.tar", "shard-000002.tar", "_written/shard-000001.json",
+                         "_written/shard-000002.json"}
+    # another shard size is another plan: nothing of this one is taken for it
+    other = make_shards(f"{fresh_prefix}/raw", f"{fresh_prefix}/out", samples_per_shard=5, factory=s3, progress=False)
+    assert (other.kept, other.written, other.manifest.total_samples) == (0, 15, 15)
+
+
+def test_a_list_file_on_s3_converts_through_ray_and_reads_back_with_webdataset(image_folder, tmp_path, s3_server,
+                                                                                fresh_prefix, s3):
+    """A .tsv list on S3: keys relative to it, an absolute s3:// URL elsewhere, multi-label lines,
+    a line with no label, a listed image that is not there (skipped and counted). Two Ray tasks
+    at once write a local folder, which upstream webdataset reads back with every label."""
+    _upload_tree(image_folder, f"{fresh_prefix}/lists/images", s3)
+    _upload_tree(os.path.join(image_folder, "eel"), f"{fresh_prefix}/elsewhere", s3)
+    lines = ["# url<TAB>labels", "images/cat/img.0.png\tcat,pet", "images/cat/img.1.jpg\tcat", "",
+             "images/dog/img.2.png\tdog,pet,ball", "images/dog/img.3.jpg\t",
+             f"{fresh_prefix}/elsewhere/img.4.png\teel", "images/dog/gone.jpg\tdog"]
+    location = parse_s3_url(f"{fresh_prefix}/lists/train.tsv")
+    s3.client().put_object(Bucket=location.bucket, Key=location.prefix, Body="\n".join(lines).encode())
+    out = make_shards_cli("--input", f"{fresh_prefix}/lists/train.tsv", "--output", str(tmp_path / "out"),
+                          "--samples-per-shard", "2", "--ray", "--workers", "2", env=s3_server.environment())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith(f"wrote 5 samples in 3 shards to {tmp_path / 'out'} by 2 processes")
+    assert "(1 undecodable inputs skipped)" in out.stdout and "gone.jpg" in out.stderr
+    _, manifest = load_shard_list(str(tmp_path / "out"))
+    assert manifest.label_kind == "multi_label" and manifest.class_names == ["ball", "cat", "dog", "eel", "pet"]
+    samples = _read_back([str(tmp_path / "out" / shard.name) for shard in manifest.shards])
+    bucket_key = key_for(f"{location.bucket}/{parse_s3_url(fresh_prefix).prefix}/elsewhere/img.4.png")
+    labels = {key: json.loads(sample["json"])["labels"] for key, sample in samples.items()}
+    assert labels == {"images_cat_img_0": [1, 4], "images_cat_img_1": [1], "images_dog_img_2": [0, 2, 4],
+                      "images_dog_img_3": [], bucket_key: [3]}
+    assert samples["images_cat_img_1"]["jpg"] == open(os.path.join(image_folder, "cat", "img.1.jpg"), "rb").read()
+
+
+def test_list_files_tsv_and_csv_single_label_with_numeric_classes(image_folder, tmp_path):
+    from data_pipelines.image_inputs import read_list_file
+
+    (tmp_path / "a.tsv").write_text(f"{image_folder}/cat/img.0.png\t10\ndog/img.1.jpg\t9\ndog/img.3.jpg\t2\n")
+    images, classes, kind = read_list_file(str(tmp_path / "a.tsv"))
+    assert (classes, kind) == (["2", "9", "10"], "class")  # integers sort as integers
+    assert [(i.url, i.label) for i in images] == [(f"{image_folder}/cat/img.0.png", 2),
+                                                  (str(tmp_path / "dog/img.1.jpg"), 1), (str(tmp_path / "dog/img.3.jpg"), 0)]
+    (tmp_path / "b.csv").write_text('dog/img.1.jpg,dog,"pet"\n"cat/img,0.png",cat\n')
+    images, classes, kind = read_list_file(str(tmp_path / "b.csv"))
+    assert (classes, kind) == (["cat", "dog", "pet"], "multi_label")
+    assert [(i.key, i.label) for i in images] == [("dog_img_1", (1, 2)), ("cat_img_0", (0,))]
+
+
+def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_folder, s3_server, fresh_prefix, s3):
+    (tmp_path / "bad.tsv").write_text("a.jpg\tcat\n\nb.jpg cat\n")
+    (tmp_path / "bad.csv").write_text("a.jpg,cat\nb.jpg\n")
+    (tmp_path / "empty-label.tsv").write_text("a.jpg\tcat,,dog\n")
+    (tmp_path / "twice.tsv").write_text("x/a.jpg\tcat\nx_a.png\tdog\n")
+    (tmp_path / "binary.tsv").write_bytes(b"\xff\xfe\x00a")
+    _upload_tree(os.path.join(image_folder, "cat"), f"{fresh_prefix}/flat", s3)  # images, no class folders
+    for args, expected in [
+        (["--input", str(tmp_path / "bad.tsv")], "bad.tsv: line 3: expected URL<TAB>label[,label...], got 'b.jpg cat'"),
+        (["--input", str(tmp_path / "bad.csv")], "bad.csv: line 2: expected URL,label[,label...], got 'b.jpg'"),
+        (["--input", str(tmp_path / "empty-label.tsv")], "line 1: an empty label in"),
+        (["--input", str(tmp_path / "twice.tsv")], "line 2: 'x_a.png' gives the sample key 'x_a' of line 1"),
+        (["--input", str(tmp_path / "binary.tsv")], "binary.tsv: not UTF-8 text"),
+        (["--input", str(tmp_path / "absent.tsv")], "absent.tsv"),
+        (["--input", f"{fresh_prefix}/absent.tsv"], "NoSuchKey"),
+        (["--input", "s3://no-such-bucket-anywhere/raw"], "no-such-bucket-anywhere"),
+        (["--input", f"{fresh_prefix}/flat"], "no class folders under this prefix"),
+        (["--input", f"{fresh_prefix}/flat", "--format", "cifar"], "--format cifar reads a local folder"),
+    ]:
+        out = make_shards_cli(*args, "--output", str(tmp_path / "o"), env=s3_server.environment())
+        assert out.returncode == 2, (args, out.stderr)
+        assert expected in out.stderr and "Traceback" not in out.stderr, (expected, out.stderr)
+        assert len([line for line in out.stderr.splitlines() if line.startswith(("make_shards.py", "usage"))]) == 1
+        assert s3_server.secret_access_key not in out.stderr
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_a_conversion_killed_half_way_keeps_its_shards_and_the_run_after_it_writes_the_rest(
+        image_folder, tmp_path, s3_server, fresh_prefix, s3):
+    """The CLI writes 16 one-image shards to SeaweedFS through a proxy that holds each shard's
+    PUT for 0.4 s, and is SIGKILLed once 3 shards have their records: no manifest (a manifest
+    only ever lists a whole conversion). The run after it keeps every shard that has a record,
+    writes the others, and gives the manifest of an uninterrupted conversion."""
+    import subprocess
+    import time
+
+    from tests.conftest import free_port, kill_group
+    from tests.faultproxy import FaultProxy
+
+    reference = make_shards(image_folder, str(tmp_path / "on-disk"), samples_per_shard=1, progress=False)
+    output = f"{fresh_prefix}/out"
+    location = parse_s3_url(output)
+    with FaultProxy(s3_server.endpoint_url, port=free_port()) as proxy:
+        proxy.add("PUT", r"/out/shard-\d+\.tar$", "latency", seconds=0.4)
+        child = subprocess.Popen([sys.executable, SCRIPT, "--input", image_folder, "--output", output,
+                                  "--samples-per-shard", "1"], cwd=ROOT, start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, **s3_server.environment(), "AWS_ENDPOINT_URL": proxy.endpoint_url})
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and child.poll() is None:
+                listed = s3.client().list_objects_v2(Bucket=location.bucket, Prefix=location.key("_written/"))
+                if listed.get("KeyCount", 0) >= 3:
+                    break
+                time.sleep(0.05)
+            assert child.poll() is None, "the conversion ended before it could be killed"
+            kill_group(child.pid)
+            child.wait(10)
+        finally:
+            kill_group(child.pid)
+    left = _shard_objects(output, s3)
+    records = {k for k in left if k.startswith("_written/")}
+    assert "manifest.json" not in left and 3 <= len(records) < 16
+    resumed = make_shards(image_folder, output, samples_per_shard=1, factory=s3, progress=False)
+    assert resumed.kept == len(records) and resumed.manifest == reference.manifest
+    kept = records | {k.replace("_written/", "").replace(".json", ".tar") for k in records} & set(left)  # a
+    # record of the one shard whose only image does not decode has no shard
+    assert {k: v for k, v in _shard_objects(output, s3).items() if k in kept} == {k: left[k] for k in kept}
