@@ -19,6 +19,11 @@ resume, and merges every rank's loader state at each resume. Prints:
   (3 empty objects a rank and step, on a real SeaweedFS), counted with a botocore event hook
   (goal: <= 20 + a constant); `bench checkpoint_list_requests_before`: the same pass with the
   listing of every object that list_steps made before.
+- `bench shard_write_scaling`: images per second that launch/make_shards.py's conversion writes
+  as Ray tasks on a local Ray, 2 at a time over 1 at a time (goal >= 1.6 on 2 cores): 320 JPEG
+  crops (384 px) of scikit-learn's two sample photographs, 10 classes, shrunk to 224 px, 16
+  a shard, from a folder to a folder (an S3 server on the same 2 cores would take their CPU);
+  `bench shard_write_images_per_second` is the rate at 2.
 
 Runs alternate between the compared sizes and take medians (this machine drifts 5-10%).
 """
@@ -119,6 +124,42 @@ def checkpoint_requests(kept_steps: int = 20, ranks: int = RANKS) -> tuple[int, 
         return today, len(sent) + 1  # + the multipart listing, which it made too
 
 
+def shard_write_rates(rounds: int, images: int = 320) -> tuple[float, float]:
+    """Median images/s of make_shards as Ray tasks, 1 at a time and 2 at a time, alternated."""
+    import tempfile
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from data_pipelines.shard_writer import connect_ray, make_shards
+
+    photos = load_sample_images().images
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "images")
+        rng = random.Random(0)
+        for i in range(images):
+            photo = photos[i % len(photos)]
+            top, left = rng.randrange(photo.shape[0] - 384), rng.randrange(photo.shape[1] - 384)
+            os.makedirs(os.path.join(source, f"class{i % 10}"), exist_ok=True)
+            Image.fromarray(photo[top:top + 384, left:left + 384]).save(
+                os.path.join(source, f"class{i % 10}", f"img{i:04d}.jpg"), quality=90)
+        ray = connect_ray(2)
+
+        def rate(workers: int) -> float:
+            began = time.perf_counter()
+            make_shards(source, tempfile.mkdtemp(dir=folder), samples_per_shard=16, resize_shorter=224, workers=workers,
+                        ray=True, progress=False)
+            return images / (time.perf_counter() - began)
+
+        rate(2)  # the workers start and import what a task needs
+        rates = {1: [], 2: []}
+        for _ in range(rounds):
+            for workers in (1, 2):
+                rates[workers].append(rate(workers))
+        ray.shutdown()
+    return statistics.median(rates[1]), statistics.median(rates[2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -147,6 +188,9 @@ def main() -> None:
     today, before = checkpoint_requests()
     print(f"bench checkpoint_list_requests {today}")
     print(f"bench checkpoint_list_requests_before {before}")
+    one, two = shard_write_rates(args.rounds)
+    print(f"bench shard_write_scaling {two / one:.2f}")
+    print(f"bench shard_write_images_per_second {two:.0f}")
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_f
     (tmp_path / "empty-label.tsv").write_text("a.jpg\tcat,,dog\n")
     (tmp_path / "twice.tsv").write_text("x/a.jpg\tcat\nx_a.png\tdog\n")
     (tmp_path / "binary.tsv").write_bytes(b"\xff\xfe\x00a")
+    (tmp_path / "no-bucket.tsv").write_text("s3://no-such-bucket-anywhere/a.jpg\tcat\n")  # fails in a Ray task
     _upload_tree(os.path.join(image_folder, "cat"), f"{fresh_prefix}/flat", s3)  # images, no class folders
     for args, expected in [
         (["--input", str(tmp_path / "bad.tsv")], "bad.tsv: line 3: expected URL<TAB>label[,label...], got 'b.jpg cat'"),
@@ -256,6 +257,7 @@ def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_f
         (["--input", "s3://no-such-bucket-anywhere/raw"], "no-such-bucket-anywhere"),
         (["--input", f"{fresh_prefix}/flat"], "no class folders under this prefix"),
         (["--input", f"{fresh_prefix}/flat", "--format", "cifar"], "--format cifar reads a local folder"),
+        (["--input", str(tmp_path / "no-bucket.tsv"), "--ray"], "s3://no-such-bucket-anywhere/a.jpg: NoSuchBucket"),
     ]:
         out = make_shards_cli(*args, "--output", str(tmp_path / "o"), env=s3_server.environment())
         assert out.returncode == 2, (args, out.stderr)
