@@ -418,10 +418,14 @@ def plan_shards(images: list[InputImage], samples_per_shard: int, resize_shorter
 class ConversionSummary(WriteSummary):
     kept: int = 0  # shards an earlier run had written, verified and kept
     processes: int = 1  # processes (Ray workers) that wrote or verified shards
+    ray: bool = False  # written by Ray tasks
 
     def line(self) -> str:
         extra = f"; {self.kept} shards already written and kept" if self.kept else ""
-        where = f" by {self.processes} processes" if self.processes > 1 else ""
+        if self.ray:
+            where = f" by {self.processes} Ray worker{'s' if self.processes > 1 else ''}"
+        else:
+            where = f" by {self.processes} processes" if self.processes > 1 else ""
         return (f"wrote {self.written} samples in {len(self.manifest.shards)} shards to {self.output}{where}"
                 f" ({self.skipped} undecodable inputs skipped{extra})")
 
@@ -458,7 +462,7 @@ def make_shards(
     manifest = Manifest(shards=shards, class_names=list(class_names), label_kind=label_kind, skipped=skipped)
     write_bytes(join_location(output, MANIFEST_NAME), manifest.to_json().encode("utf-8"), factory)
     return ConversionSummary(output=output, manifest=manifest, written=sum(r.samples for r in reports), skipped=skipped,
-                             kept=sum(r.kept for r in reports), processes=len({r.process for r in reports}))
+                             kept=sum(r.kept for r in reports), processes=len({r.process for r in reports}), ray=ray)
 
 
 def _bar(jobs: list[ShardJob], output: str, progress: bool):

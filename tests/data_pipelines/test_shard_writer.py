@@ -168,7 +168,7 @@ def test_an_image_folder_on_s3_converts_through_ray_tasks_and_a_rerun_writes_onl
     out = make_shards_cli("--input", f"{fresh_prefix}/raw", "--output", f"{fresh_prefix}/out", "--samples-per-shard", "4",
                           "--ray", "--workers", "2", env=s3_server.environment())
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == (f"wrote 15 samples in 4 shards to {fresh_prefix}/out by 2 processes "
+    assert out.stdout.strip().splitlines()[-1] == (f"wrote 15 samples in 4 shards to {fresh_prefix}/out by 2 Ray workers "
                                                    f"(1 undecodable inputs skipped)")
     assert "broken.jpg" in out.stderr and s3_server.secret_access_key not in out.stdout + out.stderr
     _, manifest = load_shard_list(f"{fresh_prefix}/out", s3)
@@ -212,7 +212,7 @@ def test_a_list_file_on_s3_converts_through_ray_and_reads_back_with_webdataset(i
     out = make_shards_cli("--input", f"{fresh_prefix}/lists/train.tsv", "--output", str(tmp_path / "out"),
                           "--samples-per-shard", "2", "--ray", "--workers", "2", env=s3_server.environment())
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1].startswith(f"wrote 5 samples in 3 shards to {tmp_path / 'out'} by 2 processes")
+    assert out.stdout.strip().splitlines()[-1].startswith(f"wrote 5 samples in 3 shards to {tmp_path / 'out'} by 2 Ray workers")
     assert "(1 undecodable inputs skipped)" in out.stdout and "gone.jpg" in out.stderr
     _, manifest = load_shard_list(str(tmp_path / "out"))
     assert manifest.label_kind == "multi_label" and manifest.class_names == ["ball", "cat", "dog", "eel", "pet"]

@@ -196,3 +196,33 @@ def test_ray_job_stop_stops_the_workers_and_the_job_says_where_the_run_stands(he
             break
         assert time.monotonic() < deadline, alive
         time.sleep(1)
+
+
+def test_make_shards_as_a_ray_job_writes_the_shards_with_tasks_on_the_worker_node(head, s3_server, tmp_path):
+    """A conversion submitted as users submit it on a cluster: an ImageFolder tree on S3, the
+    shards written by Ray tasks, which run on the worker node (the head has no CPUs), and the
+    manifest written by the job's driver."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    bucket = s3_server.create_bucket("shards-job")
+    client = s3_server.client_factory().client()
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        for i in range(4):
+            data = tmp_path / f"{c}-{i}.png"
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(data)
+            client.upload_file(str(data), "shards-job", f"raw/class{c}/img{i}.png")
+    env, address = head
+    out = submit(env, address, "python", "launch/make_shards.py", "--input", f"{bucket}/raw", "--output",
+                 f"{bucket}/shards", "--samples-per-shard", "5", timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "wrote 12 samples in 3 shards to s3://shards-job/shards by " in text and " Ray worker" in text, text[-3000:]
+    manifest = json.loads(client.get_object(Bucket="shards-job", Key="shards/manifest.json")["Body"].read())
+    assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]
+    records = [json.loads(client.get_object(Bucket="shards-job", Key=f"shards/_written/shard-00000{i}.json")["Body"].read())
+               for i in range(3)]
+    assert [r["sha256"] for r in records] == [s["sha256"] for s in manifest["shards"]]
