@@ -37,6 +37,7 @@ CRD_FILES = {
     "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
     "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
     "RayJob": "ray.io_rayjobs.yaml",   # k8s/pretrain (tests/k8s/test_pretrain.py)
+    "RayCluster": "ray.io_rayclusters.yaml",   # k8s/raycluster (tests/k8s/test_kubernetes.py)
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 PROMTOOL = "Debian/Ubuntu: apt-get install prometheus; or promtool from a Prometheus 2.x release"

@@ -46,16 +46,41 @@ def render_kustomization(folder: str = PRETRAIN) -> list[dict]:
     for obj in objects:
         for container in containers(obj):
             container["image"] = images.get(container["image"], container["image"])
-    return objects
+    return sorted(objects, key=by_kind_and_name)
+
+
+def by_kind_and_name(obj: dict) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def cluster_spec(obj: dict) -> dict:
+    """The Ray cluster of a RayJob (its rayClusterSpec) or of a RayCluster (its spec)."""
+    return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
 
 
 def groups(job: dict) -> list[tuple[bool, dict]]:
-    """(is the head, group spec) of the RayJob's cluster."""
-    spec = job["spec"]["rayClusterSpec"]
+    """(is the head, group spec) of the RayJob's or RayCluster's cluster."""
+    spec = cluster_spec(job)
     return [(True, spec["headGroupSpec"])] + [(False, g) for g in spec.get("workerGroupSpecs", [])]
 
 
+def pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """(what, pod template) of every pod a RayJob or RayCluster makes: head, worker groups, and a
+    RayJob's submitter."""
+    if obj["kind"] not in ("RayJob", "RayCluster"):
+        return []
+    found = [("head" if is_head else group["groupName"], group["template"]) for is_head, group in groups(obj)]
+    if obj["kind"] == "RayJob" and "submitterPodTemplate" in obj["spec"]:
+        found.append(("submitter", obj["spec"]["submitterPodTemplate"]))
+    return found
+
+
 def containers(job: dict) -> list[dict]:
+    return [c for _, template in pod_templates(job) for c in template["spec"]["containers"]]
+
+
+def ray_containers(job: dict) -> list[dict]:
+    """The containers of the Ray pods (head and workers), where vitscale's code runs."""
     return [c for _, group in groups(job) for c in group["template"]["spec"]["containers"]]
 
 
@@ -67,14 +92,17 @@ def ray_container(group: dict) -> dict:
 def built() -> list[dict]:
     rendered = render_kustomization()
     if (tool := kubectl()) is not None:
-        assert [d for d in yaml.safe_load_all(run([tool, "kustomize", PRETRAIN])) if d] == rendered
+        by_kubectl = [d for d in yaml.safe_load_all(run([tool, "kustomize", PRETRAIN])) if d]
+        assert sorted(by_kubectl, key=by_kind_and_name) == rendered
     return rendered
 
 
 @pytest.fixture(scope="module")
 def job(built) -> dict:
-    (rayjob,) = built
-    assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"] == "ray.io/v1"
+    assert sorted(by_kind_and_name(d) for d in built) == [
+        ("NetworkPolicy", "vitscale-pretrain"), ("RayJob", "vitscale-pretrain"), ("ServiceAccount", "vitscale")]
+    (rayjob,) = [d for d in built if d["kind"] == "RayJob"]
+    assert rayjob["apiVersion"] == "ray.io/v1"
     return rayjob
 
 
@@ -195,7 +223,9 @@ def test_no_credential_is_written_into_the_manifest(job):
         for variable in container.get("env", []):
             if CREDENTIAL_NAMES.search(variable["name"]) or variable["name"].startswith("AWS_"):
                 assert "value" not in variable and "secretKeyRef" in variable.get("valueFrom", {}), variable["name"]
-        assert [e["secretRef"]["name"] for e in container.get("envFrom", [])] == ["vitscale-s3"]
+        # S3 settings in the Ray pods only (the submitter sends the entrypoint, and KubeRay its token)
+        expected = ["vitscale-s3"] if container in ray_containers(job) else []
+        assert [e["secretRef"]["name"] for e in container.get("envFrom", [])] == expected
     words = shlex.split(job["spec"]["entrypoint"])
     assert not any(CREDENTIAL_NAMES.search(w) or "AWS_" in w for w in words)
 
@@ -214,6 +244,7 @@ def test_the_image_has_the_pinned_ray_and_the_code_where_the_job_looks(job):
     assert words[1] == f"{workdir}/launch/pretrain.py"
     for container in containers(job):
         assert container["image"] == "registry.example.com/vitscale:0.1.0"
+    for container in ray_containers(job):
         assert {"name": "PYTHONPATH", "value": workdir} in container["env"]
 
 
@@ -235,7 +266,7 @@ def test_an_overlay_sets_image_data_and_size(job, tmp_path):
             {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/replicas", "value": 2},
             {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/minReplicas", "value": 2},
             {"op": "replace", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/maxReplicas", "value": 2}])}]}))
-    (ours,) = [d for d in yaml.safe_load_all(run([tool, "kustomize", str(overlay)])) if d]
+    (ours,) = [d for d in yaml.safe_load_all(run([tool, "kustomize", str(overlay)])) if d and d["kind"] == "RayJob"]
     assert schema_errors(ours) == []
     assert {c["image"] for c in containers(ours)} == {"ghcr.io/us/vitscale:1.2"}
     _, config = entrypoint_config(ours)
