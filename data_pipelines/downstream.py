@@ -16,7 +16,7 @@ Input layouts (`detect_format` tells them apart by the files present):
   * VTAB-1k task folder, as the PyTorch VTAB code bases lay it out: images anywhere under it
     plus the lists `train800.txt`, `val200.txt`, `train800val200.txt`, `test.txt`, each line
     `relative/path.jpg label`. Classes are "0".."K-1", K = 1 + the largest label in the four
-    lists. Keys come from the relative path (shard_writer's `_key_for`), so an image has the
+    lists. Keys come from the relative path (image_inputs' `key_for`), so an image has the
     same key in train800 and train800val200. Images keep their bytes (JPEG/PNG) unless
     `--resize-shorter` shrinks them, as for image folders.
 
@@ -40,9 +40,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from data_pipelines.preflight import check_writable
+from data_pipelines.image_inputs import key_for
 from data_pipelines.s3 import S3ClientFactory, join_location
 from data_pipelines.shard_writer import (
-    Sample, ShardWriteError, WriteSummary, _bounded_map, _key_for, _prepare, write_shards,
+    Sample, ShardWriteError, WriteSummary, _bounded_map, _prepare, write_shards,
 )
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def _read_vtab_list(task_dir: str, split: str) -> list[tuple[str, str, int]]:
             path = os.path.join(task_dir, relative)
             if not os.path.isfile(path):
                 raise ShardWriteError(f"{where}: {fields[0].strip()!r} is not in {task_dir}")
-            key = _key_for(relative)
+            key = key_for(relative)
             if key in keys:
                 raise ShardWriteError(f"{where}: {relative!r} repeats line {keys[key]} (same image or sample key {key!r})")
             keys[key] = number

@@ -1,12 +1,14 @@
-"""Image folders to webdataset shards in a folder or on S3, with a manifest written last.
+"""Images to webdataset shards in a folder or on S3, with a manifest written last.
 
-    python launch/make_shards.py --input DIR --output s3://bucket/prefix [--samples-per-shard N]
-        [--resize-shorter PX] [--workers N]
+    python launch/make_shards.py --input INPUT --output s3://bucket/prefix [--samples-per-shard N]
+        [--resize-shorter PX] [--workers N] [--ray]
 
-Input layouts:
-  * ImageFolder: one subfolder per class (sorted names are the classes), images inside.
-  * Multi-label: images directly in DIR plus `labels.json` mapping file name -> list of
-    class names, e.g. {"a.jpg": ["cat", "dog"], "b.png": []}; the sorted union is the classes.
+Inputs (data_pipelines/image_inputs.py): an ImageFolder tree in a folder or under an S3
+prefix, a folder of images plus `labels.json` (multi-label), or a .tsv/.csv list of image URLs
+and labels, local or on S3. `make_shards` cuts the sorted, seeded-shuffled input into shards
+with fixed names and writes each whole (here, in processes, or as Ray tasks), each followed by
+its record (`_written/<shard>.json`), so that a run again keeps what verifies; `write_shards`
+writes samples a caller generates (CIFAR, VTAB, synthetic sets) in one process.
 
 Each sample is `<key>.jpg` or `<key>.png` (the original bytes unless `--resize-shorter`
 shrinks it) plus `<key>.cls` (the class index) or `<key>.json` ({"labels": [indices]}). The
@@ -29,8 +31,7 @@ import os
 import random
 from typing import Callable, Iterable, Iterator
 
-from data_pipelines.image_inputs import IMAGE_SUFFIXES, LABELS_FILE, InputError, InputImage, find_inputs  # noqa: F401
-from data_pipelines.image_inputs import key_for as _key_for  # noqa: F401 (downstream.py's keys)
+from data_pipelines.image_inputs import InputError, InputImage, find_inputs
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from data_pipelines.preflight import check_writable
 from data_pipelines.s3 import (

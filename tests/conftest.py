@@ -34,7 +34,8 @@ _handed_out: set[int] = set()
 # workers take files in collection order, and a long file started last would run alone at the end.
 LONGEST_FIRST = ("orchestrator/test_pretraining.py", "launch/test_pretrain_cli.py", "orchestrator/test_checkpoint.py",
                  "orchestrator/test_finetuning.py", "launch/test_ray_job.py", "orchestrator/test_metrics.py",
-                 "orchestrator/test_engine.py", "orchestrator/test_universal.py")
+                 "orchestrator/test_engine.py", "data_pipelines/test_shard_writer.py", "model/test_timm_logits.py",
+                 "orchestrator/test_universal.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -37,7 +37,8 @@ def head(s3_server, tmp_path_factory):
     token = home / "token"
     token.write_text(secrets.token_hex(32))
     head_params, pythonpath = rayjob_pods()
-    assert head_params == {"num-cpus": "0"}, "the fixture starts the head with these; update it with them"
+    # The fixture starts the head with these (its object store in this machine's /dev/shm).
+    assert head_params["num-cpus"] == "0" and set(head_params) <= {"num-cpus", "object-store-memory"}, head_params
     dashboard, gcs = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
     # The user's own cache (not the fresh HOME's): DeepSpeed's JIT-built CPU communication op is
