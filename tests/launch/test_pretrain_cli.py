@@ -252,7 +252,7 @@ def started_until_committed(args, env, log_path, s3_server, bucket, manifest) ->
             client.head_object(Bucket=bucket, Key=manifest)
             return process
         except client.exceptions.ClientError:
-            time.sleep(0.05)
+            time.sleep(0.25)  # a HEAD a quarter second: the wait is for a commit, tens of seconds
 
 
 def test_a_run_killed_stopped_and_resized_resumes_each_time_and_finishes(s3_server, tmp_path):
