@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    remote = is_s3_url(args.input) or is_list_file(args.input)
-    fmt = detect_format(args.input) if args.format == "auto" and not remote else args.format
+    folder = not (is_s3_url(args.input) or is_list_file(args.input))  # S3 trees and lists: image inputs
+    fmt = detect_format(args.input) if args.format == "auto" and folder else args.format
     try:
         if fmt in ("imagefolder", "auto"):
             print(make_shards(args.input, args.output, samples_per_shard=args.samples_per_shard,
