@@ -326,12 +326,9 @@ def _written_before(job: ShardJob, output: str, factory: S3ClientFactory) -> Sha
     """The shard's report when an earlier run wrote this very shard and it is still there,
     whole: its record names the same inputs, and the shard has the recorded size and (S3) ETag
     or (a folder) sha256. A record is written only after its shard landed."""
-    record_url = _record_url(output, job.name)
     try:
-        if is_s3_url(record_url) and _head(record_url, factory) is None:
-            return None
-        report = ShardReport(**json.loads(read_bytes(record_url, factory)))
-    except (DataSourceError, ValueError, TypeError):  # no record, or not one of ours
+        report = ShardReport(**json.loads(read_bytes(_record_url(output, job.name), factory)))
+    except (DataSourceError, ValueError, TypeError):  # no record, or not one of ours: the shard is written
         return None
     if report.inputs != job.digest():
         return None
