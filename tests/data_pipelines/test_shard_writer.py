@@ -170,10 +170,11 @@ def _read_back(paths):
 
 def test_an_image_folder_on_s3_converts_through_ray_tasks_and_a_rerun_writes_only_what_is_missing(
         image_folder, tmp_path, s3_server, fresh_prefix, s3, local_ray):
-    """The fixture's tree copied to SeaweedFS, converted as 2 Ray tasks at once on a local Ray: the same shards, bit for bit, as the tree on disk converted in this process (the
-    plan does not depend on where or how it runs). A run again rewrites nothing; after a shard
-    is deleted and another replaced (a conversion cut short, a stray write), it writes those two
-    and no other, and the manifest comes out the same."""
+    """The fixture's tree copied to SeaweedFS, converted as 2 Ray tasks at once on a local Ray:
+    the same shards, bit for bit, as the tree on disk converted in this process (the plan does
+    not depend on where or how it runs). A run again writes nothing but the manifest; after a
+    shard is deleted and another replaced (a conversion cut short, a stray write), it writes
+    those two and their records and no other, and the manifest comes out the same."""
     reference = make_shards(image_folder, str(tmp_path / "on-disk"), samples_per_shard=4, progress=False)
     _upload_tree(image_folder, f"{fresh_prefix}/raw", s3)
     summary = make_shards(f"{fresh_prefix}/raw", f"{fresh_prefix}/out", samples_per_shard=4, workers=2, factory=s3,

@@ -149,7 +149,7 @@ def _volume(template: dict, mount_path: str) -> dict | None:
     return volume
 
 
-def _config_of(name: str, obj: dict) -> dict:
+def _config_of(obj: dict) -> dict:
     """The run a cluster is sized for: its RayJob's entrypoint; a RayCluster: the full recipe's."""
     source = obj if obj["kind"] == "RayJob" else next(d for d in rendered("pretrain") if d["kind"] == "RayJob")
     return entrypoint_config(source)[1]
@@ -171,7 +171,7 @@ def _checkpoint_share_bytes(config: dict, ranks_in_pod: int) -> float:
 def test_ray_pods_have_a_shm_for_the_object_store_and_the_loaders_and_workers_stage_on_node_disk():
     for name in KUSTOMIZATIONS:
         for obj in ray_objects(name):
-            config = _config_of(name, obj)
+            config = _config_of(obj)
             for is_head, group in groups(obj):
                 where = f"{name}:{obj['kind']}/{'head' if is_head else group['groupName']}"
                 template, params = group["template"], kuberay_start_params(group, head=is_head)
@@ -261,9 +261,8 @@ def test_the_interactive_cluster_keeps_its_dashboard_inside_and_asks_for_the_tok
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP" and not spec["headGroupSpec"].get("enableIngress")
     assert kuberay_start_params(spec["headGroupSpec"], head=True)["num-cpus"] == "0"  # drivers only
     (job,) = ray_objects("pretrain")
-    ours = [(w, t) for w, t in pod_templates(cluster)]
     theirs = dict(pod_templates(job))
-    for what, template in ours:  # the same volumes, security and S3 settings as the RayJob's pods
+    for what, template in pod_templates(cluster):  # the same volumes, security and S3 settings as the RayJob's
         twin = theirs[what]
         for key in ("securityContext", "volumes", "serviceAccountName", "automountServiceAccountToken"):
             assert template["spec"].get(key) == twin["spec"].get(key), (what, key)
@@ -283,8 +282,8 @@ def test_s3_credentials_come_from_a_secret_or_an_annotated_service_account(tmp_p
                 for container in template["spec"]["containers"]:
                     for variable in container.get("env", []):
                         assert not CREDENTIAL_NAMES.search(variable["name"]) or "value" not in variable
-        if obj_words := [d["spec"]["entrypoint"] for d in ray_objects(name) if d["kind"] == "RayJob"]:
-            assert not any(CREDENTIAL_NAMES.search(w) for w in shlex.split(obj_words[0]))
+        for entrypoint in [d["spec"]["entrypoint"] for d in ray_objects(name) if d["kind"] == "RayJob"]:
+            assert not any(CREDENTIAL_NAMES.search(w) for w in shlex.split(entrypoint))
     overlay = tmp_path / "irsa"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
