@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 
@@ -179,8 +180,10 @@ def test_an_image_folder_on_s3_converts_through_ray_tasks_and_a_rerun_writes_onl
     _upload_tree(image_folder, f"{fresh_prefix}/raw", s3)
     summary = make_shards(f"{fresh_prefix}/raw", f"{fresh_prefix}/out", samples_per_shard=4, workers=2, factory=s3,
                           progress=False, ray=True)
-    assert summary.line() == (f"wrote 15 samples in 4 shards to {fresh_prefix}/out by 2 Ray workers "
-                              f"(1 undecodable inputs skipped)")
+    # 2 tasks at a time; which of Ray's worker processes ran them is Ray's choice (one that ends
+    # its first shard before a second process is leased may take the next)
+    assert re.fullmatch(rf"wrote 15 samples in 4 shards to {re.escape(fresh_prefix)}/out by [12] Ray workers? "
+                        r"\(1 undecodable inputs skipped\)", summary.line()), summary.line()
     _, manifest = load_shard_list(f"{fresh_prefix}/out", s3)
     assert manifest == reference.manifest and manifest.skipped == 1
     before = _shard_objects(f"{fresh_prefix}/out", s3)
@@ -229,7 +232,8 @@ def test_a_list_file_on_s3_converts_through_ray_and_reads_back_with_webdataset(i
     s3.client().put_object(Bucket=location.bucket, Key=location.prefix, Body="\n".join(lines).encode())
     summary = make_shards(f"{fresh_prefix}/lists/train.tsv", str(tmp_path / "out"), samples_per_shard=2, workers=2,
                           factory=s3, progress=False, ray=True)
-    assert summary.line() == f"wrote 5 samples in 3 shards to {tmp_path / 'out'} by 2 Ray workers (1 undecodable inputs skipped)"
+    assert re.fullmatch(rf"wrote 5 samples in 3 shards to {re.escape(str(tmp_path / 'out'))} by [12] Ray workers? "
+                        r"\(1 undecodable inputs skipped\)", summary.line()), summary.line()
     _, manifest = load_shard_list(str(tmp_path / "out"))
     assert manifest.label_kind == "multi_label" and manifest.class_names == ["ball", "cat", "dog", "eel", "pet"]
     samples = _read_back([str(tmp_path / "out" / shard.name) for shard in manifest.shards])
