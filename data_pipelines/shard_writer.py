@@ -322,15 +322,15 @@ def _head(url: str, factory: S3ClientFactory) -> dict | None:
         raise client_error(error, url) from None
 
 
-def _written_before(job: ShardJob, output: str, factory: S3ClientFactory) -> ShardReport | None:
+def _written_before(job: ShardJob, inputs: str, output: str, factory: S3ClientFactory) -> ShardReport | None:
     """The shard's report when an earlier run wrote this very shard and it is still there,
-    whole: its record names the same inputs, and the shard has the recorded size and (S3) ETag
+    whole: its record names the same inputs (`inputs`: the job's digest), and the shard has the recorded size and (S3) ETag
     or (a folder) sha256. A record is written only after its shard landed."""
     try:
         report = ShardReport(**json.loads(read_bytes(_record_url(output, job.name), factory)))
     except (DataSourceError, ValueError, TypeError):  # no record, or not one of ours: the shard is written
         return None
-    if report.inputs != job.digest():
+    if report.inputs != inputs:
         return None
     if report.samples == 0:
         return report  # every image skipped: no shard to look at
@@ -353,7 +353,8 @@ def write_shard(job: ShardJob, output: str, factory: S3ClientFactory | None = No
 
     factory = factory or S3ClientFactory()
     process = f"{socket.gethostname()}:{os.getpid()}"
-    earlier = _written_before(job, output, factory)
+    inputs = job.digest()
+    earlier = _written_before(job, inputs, output, factory)
     if earlier is not None:
         return dataclasses.replace(earlier, kept=True, process=process)
     buffer = io.BytesIO()
@@ -381,7 +382,7 @@ def write_shard(job: ShardJob, output: str, factory: S3ClientFactory | None = No
         else:
             write_bytes(shard_url, data)
     report = ShardReport(job.name, samples, len(data) if samples else 0, hashlib.sha256(data).hexdigest() if samples else "",
-                         skipped, job.digest(), etag, process=process)
+                         skipped, inputs, etag, process=process)
     write_bytes(_record_url(output, job.name), report.record(), factory)
     return report
 
