@@ -3,6 +3,7 @@
 import collections
 import itertools
 import json
+import random
 
 import numpy as np
 import pytest
@@ -124,8 +125,6 @@ def _jpeg(width, height):
 
 
 def test_augmentations_have_the_configured_sizes_and_draft_mode_keeps_quality():
-    import random
-
     data = _jpeg(1024, 768)
     assert augmentation_for("pretrain").apply(data, random.Random(0)).shape == (224, 224, 3)
     assert augmentation_for("finetune").apply(data, random.Random(0)).shape == (384, 384, 3)
@@ -277,6 +276,20 @@ def _split_ranges_before(ranges, parts):
     return pieces
 
 
+def _remaining_ranges_before(manifest, order, consumed):
+    """remaining_ranges as it was (a Python loop over the shards), the reference for the array one."""
+    from data_pipelines.stream import _subtract
+
+    return [(shard, a, b) for shard in order
+            for a, b in _subtract(0, manifest.shards[shard].samples, consumed.get(manifest.shards[shard].name, []))]
+
+
+def _epoch_shard_order_before(num_shards, seed, epoch):
+    order = list(range(num_shards))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
 def _merge_before(states):
     """merge_loader_states' union as it was (an insert and a sort per interval)."""
     from data_pipelines.stream import _add_interval
@@ -291,8 +304,6 @@ def _merge_before(states):
 
 
 def test_the_linear_plan_cuts_exactly_as_before_on_random_manifests_and_resumed_states():
-    import random
-
     from data_pipelines.manifest import Manifest, ShardInfo
     from data_pipelines.stream import STATE_FORMAT, epoch_shard_order, remaining_ranges
 
@@ -313,8 +324,27 @@ def test_the_linear_plan_cuts_exactly_as_before_on_random_manifests_and_resumed_
             states.append({"format": STATE_FORMAT, "seed": 1, "epoch": 0, "consumed": consumed})
         merged = merge_loader_states(states)["consumed"]
         assert merged == _merge_before(states)
-        ranges = remaining_ranges(manifest, epoch_shard_order(shards, 1, trial), merged)
+        order = epoch_shard_order(shards, 1, trial)
+        assert order == _epoch_shard_order_before(shards, 1, trial)
+        ranges = remaining_ranges(manifest, order, merged)
+        assert ranges == _remaining_ranges_before(manifest, order, merged)
+        # A consumed list as a state file may hold it: intervals past the end, empty, touching,
+        # overlapping or out of order (the last two are not what merging leaves: the loop takes them).
+        raw = {}
+        for i, n in enumerate(lengths):
+            if rng.random() < 0.5:
+                ends = sorted(rng.randint(0, n + 5) for _ in range(2 * rng.randint(1, 3)))
+                raw[f"s{i}.tar"] = [[ends[k], ends[k + 1]] for k in range(0, len(ends), 2)]
+                if rng.random() < 0.2:
+                    raw[f"s{i}.tar"].reverse()
+        assert remaining_ranges(manifest, order, raw) == _remaining_ranges_before(manifest, order, raw), trial
+        some = [rng.randrange(shards) for _ in range(rng.randint(1, 2 * shards))]  # repeats, and a subset
+        assert remaining_ranges(manifest, some, raw) == _remaining_ranges_before(manifest, some, raw), trial
         for parts in (1, 2, 3, rng.randint(1, 64), rng.randint(100, 600)):
             assert split_ranges(ranges, parts) == _split_ranges_before(ranges, parts), (trial, parts)
         unknown = [(s, a, None if rng.random() < 0.3 else b) for s, a, b in ranges]  # lengths unknown
         assert split_ranges(unknown, 7) == _split_ranges_before(unknown, 7)
+    # Inputs the array cut leaves to the loop: positions past int64, a range that ends before it begins.
+    for odd in ([(0, 0, 2**70), (1, 5, 2**70 + 9)], [(0, 0, 2**61), (1, 0, 2**61)], [(0, 0, 10), (1, 8, 3), (2, 0, 40)]):
+        for parts in (1, 3, 8):
+            assert split_ranges(odd, parts) == _split_ranges_before(odd, parts)
