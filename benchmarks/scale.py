@@ -19,6 +19,10 @@ resume, and merges every rank's loader state at each resume. Prints:
   (3 empty objects a rank and step, on a real SeaweedFS), counted with a botocore event hook
   (goal: <= 20 + a constant); `bench checkpoint_list_requests_before`: the same pass with the
   listing of every object that list_steps made before.
+- `bench list_driver_bytes_per_image`: the driver's peak memory (tracemalloc) to plan a
+  conversion of a 200,000-line list of ImageNet-21k's form and hand out its jobs, per image;
+  `bench list_parts_driver_peak_ratio`: the same list as 10 parts (a brace pattern) over it as
+  one file (goal: about 1/10: the driver holds one part at a time).
 - `bench shard_write_scaling`: images per second that launch/make_shards.py's conversion writes
   as Ray tasks on a local Ray, 2 at a time over 1 at a time (goal >= 1.6 on 2 cores): 320 JPEG
   crops (384 px) of scikit-learn's two sample photographs, 10 classes, shrunk to 224 px, 16
@@ -160,6 +164,37 @@ def shard_write_rates(rounds: int, images: int = 320) -> tuple[float, float]:
     return statistics.median(rates[1]), statistics.median(rates[2])
 
 
+def list_driver_peaks(images: int = 200_000, parts: int = 10) -> tuple[int, int]:
+    """Peak bytes (tracemalloc) the driver holds to plan a conversion and hand out every job
+    of a list of `images` lines of ImageNet-21k's form (absolute S3 URLs, 21,841 classes):
+    as one .tsv, and as `parts` parts named by a brace pattern."""
+    import tempfile
+    import tracemalloc
+
+    from data_pipelines.shard_writer import plan_conversion
+
+    lines = [f"s3://bucket/raw/imagenet21k/n{i % 21841:08d}/n{i % 21841:08d}_{i}.JPEG\tn{i % 21841:08d}"
+             for i in range(images)]
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "whole.tsv"), "w") as f:
+            f.write("\n".join(lines))
+        size = -(-images // parts)
+        for part in range(parts):
+            with open(os.path.join(folder, f"part-{part}.tsv"), "w") as f:
+                f.write("\n".join(lines[part * size:(part + 1) * size]))
+        del lines
+        peaks = []
+        for url in (os.path.join(folder, "whole.tsv"), os.path.join(folder, f"part-{{0..{parts - 1}}}.tsv")):
+            tracemalloc.start()
+            plan = plan_conversion(url, 1000)
+            for _ in plan.jobs:  # as the writing takes them
+                pass
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            del plan
+    return peaks[0], peaks[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -186,6 +221,9 @@ def main() -> None:
     print(f"bench data_plan_growth {statistics.median(at_2x) / one:.2f}")
     print(f"bench data_plan_vs_before {statistics.median(before) / statistics.median(after):.1f}")
     print(f"bench restore_merge_512_seconds {statistics.median(merges):.3f}")
+    whole, in_parts = list_driver_peaks()
+    print(f"bench list_driver_bytes_per_image {whole / 200_000:.0f}")
+    print(f"bench list_parts_driver_peak_ratio {in_parts / whole:.2f}")
     today, before = checkpoint_requests()
     print(f"bench checkpoint_list_requests {today}")
     print(f"bench checkpoint_list_requests_before {before}")

@@ -13,7 +13,9 @@ Three forms of input, told from the URL:
     A URL is an s3:// URL, an absolute path, or a path relative to the list file's folder
     (an S3 key below it when the list is on S3). Every line with exactly one label: single
     label ("class"); otherwise multi-label (a line may have none). Blank lines and lines
-    starting with '#' are skipped.
+    starting with '#' are skipped. A list may come in parts named by a brace pattern, as
+    webdataset names shards (`train-{00000..00999}.tsv`): its classes and label kind are
+    those of all its parts; sample keys are checked unique within each part.
 
 Class names are sorted (as integers when every name is one, so label "10" follows "9"): a
 class's index is its place in that order, as in torchvision's and timm's ImageFolder. A
@@ -135,8 +137,26 @@ def _s3_image_folder(url: str, factory: S3ClientFactory | None) -> tuple[list[In
     return _unique(images, url), class_names, "class"
 
 
-def read_list_file(url: str, factory: S3ClientFactory | None = None) -> tuple[list[InputImage], list[str], str]:
-    """A .tsv or .csv list of images and their labels (the module's docstring)."""
+def list_parts(url: str) -> list[str]:
+    """A list file's URL, or a pattern of its parts in webdataset's brace notation
+    (`s3://bucket/jft/train-{00000..00999}.tsv`): the parts' URLs, in order."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(url))
+
+
+@dataclasses.dataclass(frozen=True)
+class ListSummary:
+    """One part of a list, counted (make_shards' first pass over a list in parts)."""
+    url: str
+    images: int
+    class_names: frozenset[str]
+    single: bool  # every line has exactly one label
+
+
+def _parse_list(url: str, factory: S3ClientFactory | None) -> list[tuple[str, str, list[str]]]:
+    """(image URL, sample key, label names) per listed image; a malformed line or a key
+    given twice is an InputError naming the line."""
     try:
         text = read_bytes(url, factory).decode("utf-8")
     except UnicodeDecodeError as error:
@@ -144,7 +164,7 @@ def read_list_file(url: str, factory: S3ClientFactory | None = None) -> tuple[li
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     tsv = url.lower().endswith(".tsv")
     form = "URL<TAB>label[,label...]" if tsv else "URL,label[,label...]"
-    entries: list[tuple[int, str, list[str]]] = []
+    entries, lines = [], {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -160,23 +180,43 @@ def read_list_file(url: str, factory: S3ClientFactory | None = None) -> tuple[li
             location, names = fields[0].strip(), [n.strip() for n in fields[1:] if n.strip()]
         if not location or "" in names:
             raise InputError(f"{url}: line {number}: {'an empty label' if location else 'no URL'} in {line[:120]!r}")
-        entries.append((number, location, names))
-    if not entries:
-        raise InputError(f"{url}: no images listed (expected lines {form})")
-    single = all(len(names) == 1 for _, _, names in entries)
-    class_names = sorted_classes(name for _, _, names in entries for name in names)
-    index = {name: i for i, name in enumerate(class_names)}
-    images, lines = [], {}
-    for number, location, names in entries:
         absolute = is_s3_url(location) or os.path.isabs(location)
-        image_url = location if absolute else join_location(base, location)
         key = key_for(location.split("://", 1)[-1].lstrip("/") if absolute else location)
         if key in lines:
             raise InputError(f"{url}: line {number}: {location!r} gives the sample key {key!r} of line {lines[key]}")
         lines[key] = number
-        label = index[names[0]] if single else tuple(sorted({index[name] for name in names}))
-        images.append(InputImage(image_url, key, label))
-    return images, class_names, "class" if single else "multi_label"
+        entries.append((location if absolute else join_location(base, location), key, names))
+    if not entries:
+        raise InputError(f"{url}: no images listed (expected lines {form})")
+    return entries
+
+
+def summarise_list(url: str, factory: S3ClientFactory | None = None) -> ListSummary:
+    """A part of a list checked line by line and counted, its images not kept."""
+    entries = _parse_list(url, factory)
+    return ListSummary(url, len(entries), frozenset(name for *_, names in entries for name in names),
+                       all(len(names) == 1 for *_, names in entries))
+
+
+def list_images(url: str, class_names: list[str], single: bool,
+                factory: S3ClientFactory | None = None) -> list[InputImage]:
+    """A part's images, sorted by key, labelled with the whole list's classes: a class index
+    when `single` (every line of every part has one label), else the sorted indices."""
+    return sorted(_labelled(_parse_list(url, factory), class_names, single), key=lambda image: image.key)
+
+
+def read_list_file(url: str, factory: S3ClientFactory | None = None) -> tuple[list[InputImage], list[str], str]:
+    """A .tsv or .csv list of images and their labels (the module's docstring), in one pass."""
+    entries = _parse_list(url, factory)
+    single = all(len(names) == 1 for *_, names in entries)
+    class_names = sorted_classes(name for *_, names in entries for name in names)
+    return _labelled(entries, class_names, single), class_names, "class" if single else "multi_label"
+
+
+def _labelled(entries, class_names: list[str], single: bool) -> list[InputImage]:
+    index = {name: i for i, name in enumerate(class_names)}
+    return [InputImage(image_url, key, index[names[0]] if single else tuple(sorted({index[n] for n in names})))
+            for image_url, key, names in entries]
 
 
 def _unique(images: list[InputImage], where: str) -> list[InputImage]:

@@ -5,10 +5,12 @@
 
 Inputs (data_pipelines/image_inputs.py): an ImageFolder tree in a folder or under an S3
 prefix, a folder of images plus `labels.json` (multi-label), or a .tsv/.csv list of image URLs
-and labels, local or on S3. `make_shards` cuts the sorted, seeded-shuffled input into shards
-with fixed names and writes each whole (here, in processes, or as Ray tasks), each followed by
-its record (`_written/<shard>.json`), so that a run again keeps what verifies; `write_shards`
-writes samples a caller generates (CIFAR, VTAB, synthetic sets) in one process.
+and labels, local or on S3, whole or in parts (a brace pattern). `make_shards` cuts the
+sorted, seeded-shuffled input (each part of a list on its own, its shards numbered after the
+previous parts') into shards with fixed names and writes each whole (here, in processes, or
+as Ray tasks), each followed by its record (`_written/<shard>.json`), so that a run again
+keeps what verifies; `write_shards` writes samples a caller generates (CIFAR, VTAB, synthetic
+sets) in one process.
 
 Each sample is `<key>.jpg` or `<key>.png` (the original bytes unless `--resize-shorter`
 shrinks it) plus `<key>.cls` (the class index) or `<key>.json` ({"labels": [indices]}). The
@@ -31,7 +33,10 @@ import os
 import random
 from typing import Callable, Iterable, Iterator
 
-from data_pipelines.image_inputs import InputError, InputImage, find_inputs
+from data_pipelines.image_inputs import (
+    InputError, InputImage, ListSummary, find_inputs, is_list_file, list_images, list_parts, sorted_classes,
+    summarise_list,
+)
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from data_pipelines.preflight import check_writable
 from data_pipelines.s3 import (
@@ -403,14 +408,90 @@ def _read_ahead(pool: concurrent.futures.Executor, images: tuple[InputImage, ...
 
 
 def plan_shards(images: list[InputImage], samples_per_shard: int, resize_shorter: int | None,
-                seed: int = 0) -> list[ShardJob]:
+                seed: int | str = 0, first_index: int = 0) -> list[ShardJob]:
     """The conversion's shards: the images (sorted by key) shuffled with `seed` so that every
-    shard mixes classes, then cut in order, `samples_per_shard` a shard. The same input and
-    options give the same shards, named the same, wherever and however often they run."""
+    shard mixes classes, then cut in order, `samples_per_shard` a shard, numbered from
+    `first_index`. The same input and options give the same shards, named the same, wherever
+    and however often they run."""
     order = list(images)
     random.Random(seed).shuffle(order)
-    return [ShardJob(i, tuple(order[start:start + samples_per_shard]), resize_shorter)
+    return [ShardJob(first_index + i, tuple(order[start:start + samples_per_shard]), resize_shorter)
             for i, start in enumerate(range(0, len(order), samples_per_shard))]
+
+
+@dataclasses.dataclass
+class ConversionPlan:
+    """What make_shards writes: the jobs (a list, or made part by part as they are taken),
+    how many, and the classes."""
+    jobs: Iterable[ShardJob]
+    total: int
+    class_names: list[str]
+    label_kind: str
+    parts: int = 1
+
+
+def plan_conversion(input_url: str, samples_per_shard: int, resize_shorter: int | None = None, seed: int = 0,
+                    factory: S3ClientFactory | None = None, ray: bool = False,
+                    workers: int | None = None) -> ConversionPlan:
+    """The input listed (and a list in parts checked and counted, every part, as Ray tasks
+    with `ray`) and cut into shards; nothing is written."""
+    parts = list_parts(input_url) if is_list_file(input_url) else [input_url]
+    if len(parts) > 1:
+        return _plan_parts(parts, samples_per_shard, resize_shorter, seed, factory, ray, workers)
+    try:
+        images, class_names, label_kind = find_inputs(parts[0], factory)
+    except InputError as error:
+        raise ShardWriteError(str(error)) from None
+    jobs = plan_shards(images, samples_per_shard, resize_shorter, seed)
+    return ConversionPlan(jobs, len(jobs), class_names, label_kind)
+
+
+def _plan_parts(parts: list[str], samples_per_shard: int, resize_shorter: int | None, seed: int,
+                factory: S3ClientFactory | None, ray: bool, workers: int | None) -> ConversionPlan:
+    """A list in parts: every part read, checked and counted first (Ray tasks with `ray`, else
+    here, one after another), its classes merged as it comes; then every part planned on its
+    own (its images sorted and shuffled with the seed and the part's place), its shards
+    numbered after the previous parts', and read only when the writing reaches it, so the
+    driver holds about one part's images, not the list's."""
+    images_in = [0] * len(parts)
+    names: set[str] = set()
+    single = True
+
+    def counted(place: int, summary: ListSummary) -> None:
+        nonlocal single
+        images_in[place] = summary.images
+        names.update(summary.class_names)
+        single = single and summary.single
+
+    try:
+        if ray:
+            _map_on_ray(summarise_list, parts, factory, workers=workers, done=counted)
+        else:
+            for place, url in enumerate(parts):
+                counted(place, summarise_list(url, factory))
+    except InputError as error:
+        raise ShardWriteError(str(error)) from None
+    class_names = sorted_classes(names)
+    counts = [-(-n // samples_per_shard) for n in images_in]
+
+    def jobs() -> Iterator[ShardJob]:
+        first = 0
+        for place, (url, expected, count) in enumerate(zip(parts, images_in, counts)):
+            try:
+                images = list_images(url, class_names, single, factory)
+            except InputError as error:
+                raise ShardWriteError(str(error)) from None
+            if len(images) != expected:
+                raise ShardWriteError(f"{url}: {len(images)} images listed, {expected} when the conversion "
+                                      f"began: the list changed under it; run it again")
+            planned = plan_shards(images, samples_per_shard, resize_shorter, f"{seed}/{place}", first)
+            del images  # the jobs hold the images, each dropped here once handed out
+            planned.reverse()
+            while planned:
+                yield planned.pop()
+            first += count
+
+    return ConversionPlan(jobs(), sum(counts), class_names, "class" if single else "multi_label", len(parts))
 
 
 @dataclasses.dataclass
@@ -418,14 +499,16 @@ class ConversionSummary(WriteSummary):
     kept: int = 0  # shards an earlier run had written, verified and kept
     processes: int = 1  # processes (Ray workers) that wrote or verified shards
     ray: bool = False  # written by Ray tasks
+    parts: int = 1  # the parts of a list given as a pattern
 
     def line(self) -> str:
         extra = f"; {self.kept} shards already written and kept" if self.kept else ""
+        source = f" from {self.parts} list parts" if self.parts > 1 else ""
         if self.ray:
             where = f" by {self.processes} Ray worker{'s' if self.processes > 1 else ''}"
         else:
             where = f" by {self.processes} processes" if self.processes > 1 else ""
-        return (f"wrote {self.written} samples in {len(self.manifest.shards)} shards to {self.output}{where}"
+        return (f"wrote {self.written} samples in {len(self.manifest.shards)} shards{source} to {self.output}{where}"
                 f" ({self.skipped} undecodable inputs skipped{extra})")
 
 
@@ -448,33 +531,31 @@ def make_shards(
     and that verify are kept, so an interrupted conversion resumes."""
     if samples_per_shard < 1:
         raise ShardWriteError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    try:
-        images, class_names, label_kind = find_inputs(input_url, factory)
-    except InputError as error:
-        raise ShardWriteError(str(error)) from None
+    plan = plan_conversion(input_url, samples_per_shard, resize_shorter, seed, factory, ray, workers)
     check_writable(output, factory)  # before decoding anything
-    jobs = plan_shards(images, samples_per_shard, resize_shorter, seed)
     run = _run_on_ray if ray else _run_here
-    reports = run(jobs, output, factory, workers, progress)
+    reports = run(plan.jobs, plan.total, output, factory, workers, progress)
     shards = [ShardInfo(r.name, r.samples, r.bytes, r.sha256) for r in reports if r.samples]
     skipped = sum(r.skipped for r in reports)
-    manifest = Manifest(shards=shards, class_names=list(class_names), label_kind=label_kind, skipped=skipped)
+    manifest = Manifest(shards=shards, class_names=list(plan.class_names), label_kind=plan.label_kind,
+                        skipped=skipped)
     write_bytes(join_location(output, MANIFEST_NAME), manifest.to_json().encode("utf-8"), factory)
     return ConversionSummary(output=output, manifest=manifest, written=sum(r.samples for r in reports), skipped=skipped,
-                             kept=sum(r.kept for r in reports), processes=len({r.process for r in reports}), ray=ray)
+                             kept=sum(r.kept for r in reports), processes=len({r.process for r in reports}), ray=ray,
+                             parts=plan.parts)
 
 
-def _bar(jobs: list[ShardJob], output: str, progress: bool):
+def _bar(total: int, output: str, progress: bool):
     from tqdm import tqdm
 
-    return tqdm(total=len(jobs), unit="shard", desc=f"shards to {output}", disable=not progress)
+    return tqdm(total=total, unit="shard", desc=f"shards to {output}", disable=not progress)
 
 
-def _run_here(jobs: list[ShardJob], output: str, factory: S3ClientFactory | None, workers: int | None,
-              progress: bool) -> list[ShardReport]:
+def _run_here(jobs: Iterable[ShardJob], total: int, output: str, factory: S3ClientFactory | None,
+              workers: int | None, progress: bool) -> list[ShardReport]:
     """The shards in this process, or in `workers` processes (whole shards each)."""
     reports: dict[int, ShardReport] = {}
-    with _bar(jobs, output, progress) as bar:
+    with _bar(total, output, progress) as bar:
         if (workers or 1) <= 1:
             for job in jobs:
                 reports[job.index] = write_shard(job, output, factory)
@@ -492,7 +573,7 @@ def _run_here(jobs: list[ShardJob], output: str, factory: S3ClientFactory | None
                         following = next(upcoming, None)
                         if following is not None:
                             pending[pool.submit(write_shard, following, output, factory)] = following
-    return [reports[job.index] for job in jobs]
+    return [reports[index] for index in sorted(reports)]
 
 
 def connect_ray(workers: int | None = None):
@@ -510,38 +591,53 @@ def connect_ray(workers: int | None = None):
     return ray
 
 
-def _run_on_ray(jobs: list[ShardJob], output: str, factory: S3ClientFactory | None, workers: int | None,
-                progress: bool) -> list[ShardReport]:
-    """A Ray task a shard (1 CPU each), `workers` in flight or as many as the cluster has
-    CPUs; the tasks read their images and write their shards themselves, the driver holds only
-    the plan and the reports. A task whose worker dies is run again by Ray (max_retries); one
-    that raises stops the conversion with its error's line (the shards written are kept)."""
+def _map_on_ray(function: Callable, items: Iterable, *args, workers: int | None = None,
+                done: Callable[[int, object], None] | None = None) -> list:
+    """`function(item, *args)` as a Ray task per item (1 CPU each), `workers` in flight or as
+    many as the cluster has CPUs, the items taken from their iterable only as slots free up.
+    A task whose worker dies is run again by Ray (max_retries); one that raises stops the
+    rest with its error's line (what was written stays). Each result goes to `done(place,
+    result)` as it comes; without `done`, the results are returned, in the items' order."""
     ray = connect_ray(workers)
     from ray.exceptions import RayTaskError
 
+    results: dict[int, object] = {}
+    done = done or results.__setitem__
     in_flight = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    task = ray.remote(num_cpus=1, max_retries=3)(function)
+    upcoming = enumerate(items)
+    pending = {task.remote(item, *args): place for place, item in itertools.islice(upcoming, in_flight)}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                place = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayTaskError as error:
+                    cause = getattr(error, "cause", None)
+                    if isinstance(cause, (ShardWriteError, DataSourceError, InputError)):
+                        raise cause from None  # its one line, not the task's traceback
+                    raise
+                done(place, result)
+                following = next(upcoming, None)
+                if following is not None:
+                    pending[task.remote(following[1], *args)] = following[0]
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+    return [results[place] for place in sorted(results)]
+
+
+def _run_on_ray(jobs: Iterable[ShardJob], total: int, output: str, factory: S3ClientFactory | None,
+                workers: int | None, progress: bool) -> list[ShardReport]:
+    """A Ray task a shard: the tasks read their images and write their shards themselves, the
+    driver holds only the plan and the reports."""
     reports: dict[int, ShardReport] = {}
-    upcoming = iter(jobs)
-    pending = {task.remote(job, output, factory): job for job in itertools.islice(upcoming, in_flight)}
-    with _bar(jobs, output, progress) as bar:
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    job = pending.pop(ref)
-                    try:
-                        reports[job.index] = ray.get(ref)
-                    except RayTaskError as error:
-                        cause = getattr(error, "cause", None)
-                        if isinstance(cause, (ShardWriteError, DataSourceError)):
-                            raise cause from None  # its one line, not the task's traceback
-                        raise
-                    bar.update()
-                    following = next(upcoming, None)
-                    if following is not None:
-                        pending[task.remote(following, output, factory)] = following
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
-    return [reports[job.index] for job in jobs]
+    with _bar(total, output, progress) as bar:
+        def done(place: int, report: ShardReport) -> None:
+            reports[place] = report
+            bar.update()
+
+        _map_on_ray(write_shard, jobs, output, factory, workers=workers, done=done)
+    return [reports[place] for place in sorted(reports)]

@@ -5,6 +5,8 @@
     ray job submit --working-dir . -- python launch/make_shards.py \
         --input s3://bucket/raw/imagenet21k/train --output s3://bucket/imagenet21k/train --resize-shorter 512
     python launch/make_shards.py --input s3://bucket/raw/jft/images.tsv --output s3://bucket/jft --ray
+    ray job submit --working-dir . -- python launch/make_shards.py \
+        --input 's3://bucket/raw/jft/train-{00000..00999}.tsv' --output s3://bucket/jft/train
     python launch/make_shards.py --input cifar-10-batches-py --output s3://bucket/cifar10
     python launch/make_shards.py --input vtab-1k/caltech101 --output s3://bucket/vtab/caltech101
 
@@ -12,7 +14,10 @@
   imagefolder  an ImageFolder tree (one subfolder per class) in a folder or under an
                s3://bucket/prefix, a folder of images with labels.json (file name -> list of
                class names), or a list file (.tsv: URL<TAB>label[,label...]; .csv:
-               URL,label[,label...]; local or on S3); see data_pipelines/image_inputs.py.
+               URL,label[,label...]; local or on S3), or a list in parts named by a brace
+               pattern (as webdataset names shards): the parts are counted first, then
+               converted one after another, so the driver holds one part's images at a
+               time; see data_pipelines/image_inputs.py.
                The work is cut into whole shards with fixed names, written by --workers
                processes here, or by Ray tasks with --ray (a local Ray) or on the cluster this
                runs in (a Ray job, or RAY_ADDRESS). A run again after an interruption keeps the
@@ -52,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="make_shards.py", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True,
                    help="ImageFolder tree (a folder or s3://bucket/prefix), folder of images with labels.json, "
-                        "list file (.tsv/.csv, local or s3://), CIFAR python folder or VTAB-1k task folder")
+                        "list file (.tsv/.csv, local or s3://, or its parts: 'train-{000..099}.tsv'), CIFAR python folder "
+                        "or VTAB-1k task folder")
     p.add_argument("--output", required=True, help="a folder or s3://bucket/prefix (CIFAR, VTAB: one below it per split)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="input layout (default: told from its files)")
     p.add_argument("--samples-per-shard", type=_positive, default=1000)

@@ -244,6 +244,70 @@ def test_a_list_file_on_s3_converts_through_ray_and_reads_back_with_webdataset(i
     assert samples["images_cat_img_1"]["jpg"] == open(os.path.join(image_folder, "cat", "img.1.jpg"), "rb").read()
 
 
+def test_a_list_in_parts_on_s3_converts_part_by_part_through_ray_with_the_whole_lists_classes(
+        image_folder, tmp_path, s3_server, fresh_prefix, s3, local_ray):
+    """A list given as a brace pattern of 3 parts on S3 (JFT-sized lists come so): the first
+    pass (Ray tasks) counts the parts and gathers their classes; the shards are planned part by
+    part, numbered on across parts, each part's images read by the driver only then (one GET
+    of each part in this process), and labelled with the whole list's classes: "eel", only in
+    the last part, is class 2 and, as one line has two labels, every label is a list. A run
+    again keeps every shard."""
+    _upload_tree(image_folder, f"{fresh_prefix}/lists/images", s3)
+    parts = ["images/cat/img.0.png\tcat\nimages/cat/img.1.jpg\tcat\nimages/dog/img.2.png\tdog\n"
+             "images/cat/img.3.jpg\tcat\nimages/dog/img.4.png\tdog\n",
+             "images/dog/img.0.png\tdog\nimages/dog/img.1.jpg\tdog,cat\n",
+             "images/eel/img.0.png\teel\nimages/eel/img.1.jpg\teel\nimages/eel/img.2.png\teel\n"]
+    location = parse_s3_url(f"{fresh_prefix}/lists")
+    for place, text in enumerate(parts):
+        s3.client().put_object(Bucket=location.bucket, Key=location.key(f"part-{place}.tsv"), Body=text.encode())
+    reads = []
+    s3.client().meta.events.register("before-send.s3", lambda request, **_: reads.append(request.url)
+                                     if request.method == "GET" and ".tsv" in request.url else None)
+    pattern = f"{fresh_prefix}/lists/part-{{0..2}}.tsv"
+    summary = make_shards(pattern, f"{fresh_prefix}/out", samples_per_shard=2, workers=2, factory=s3, progress=False,
+                          ray=True)
+    assert sorted(url.rsplit("/", 1)[1] for url in reads) == ["part-0.tsv", "part-1.tsv", "part-2.tsv"]
+    assert summary.line().startswith(f"wrote 10 samples in 6 shards from 3 list parts to {fresh_prefix}/out by ")
+    _, manifest = load_shard_list(f"{fresh_prefix}/out", s3)
+    assert manifest.class_names == ["cat", "dog", "eel"] and manifest.label_kind == "multi_label"
+    # 5 images make shards 0-2 (2, 2, 1), 2 make shard 3, 3 make shards 4-5: no shard spans two parts
+    assert [(shard.name, shard.samples) for shard in manifest.shards] == [
+        (f"shard-{i:06d}.tar", n) for i, n in enumerate([2, 2, 1, 2, 2, 1])]
+    client, out = s3.client(), parse_s3_url(f"{fresh_prefix}/out")
+    for shard in manifest.shards:
+        client.download_file(out.bucket, out.key(shard.name), str(tmp_path / shard.name))
+    samples = _read_back([str(tmp_path / shard.name) for shard in manifest.shards])
+    labels = {key: json.loads(sample["json"])["labels"] for key, sample in samples.items()}
+    assert labels == {**{f"images_cat_img_{i}": [0] for i in (0, 1, 3)}, **{f"images_dog_img_{i}": [1] for i in (2, 4, 0)},
+                      "images_dog_img_1": [0, 1], **{f"images_eel_img_{i}": [2] for i in range(3)}}
+    assert {key[:-6] for key in list(samples)[:5]} <= {"images_cat", "images_dog"}  # part 0's first
+    again = make_shards(pattern, f"{fresh_prefix}/out", samples_per_shard=2, workers=2, factory=s3, progress=False,
+                        ray=True)
+    assert (again.kept, again.written) == (6, 10)
+
+
+def test_a_list_in_parts_here_numbers_classes_over_every_part(image_folder, tmp_path):
+    """The same plan in this process, single-label: a class only the second part lists is
+    indexed among all the list's classes, and the shards are the parts' plans one after another."""
+    from data_pipelines.shard_writer import plan_shards
+    from data_pipelines.image_inputs import list_images
+
+    (tmp_path / "l-a.tsv").write_text(f"{image_folder}/cat/img.0.png\tcat\n{image_folder}/dog/img.1.jpg\tdog\n"
+                                      f"{image_folder}/cat/img.2.png\tcat\n")
+    (tmp_path / "l-b.tsv").write_text(f"{image_folder}/eel/img.3.jpg\teel\n{image_folder}/cat/img.4.png\tcat\n")
+    summary = make_shards(str(tmp_path / "l-{a,b}.tsv"), str(tmp_path / "out"), samples_per_shard=2, progress=False)
+    assert summary.line() == f"wrote 5 samples in 3 shards from 2 list parts to {tmp_path / 'out'} (0 undecodable inputs skipped)"
+    _, manifest = load_shard_list(str(tmp_path / "out"))
+    assert manifest.class_names == ["cat", "dog", "eel"] and manifest.label_kind == "class"
+    samples = _read_back([str(tmp_path / "out" / shard.name) for shard in manifest.shards])
+    assert {key.rsplit("_img_", 1)[1]: sample["cls"] for key, sample in samples.items()} == {
+        "0": b"0", "1": b"1", "2": b"0", "3": b"2", "4": b"0"}
+    # the shards of part b: its own plan, numbered after part a's two shards
+    planned = plan_shards(list_images(str(tmp_path / "l-b.tsv"), ["cat", "dog", "eel"], True), 2, None, "0/1", 2)
+    assert [(job.name, [image.key for image in job.images]) for job in planned] == [
+        (manifest.shards[2].name, [key for key in samples if key.endswith(("img_3", "img_4"))])]
+
+
 def test_list_files_tsv_and_csv_single_label_with_numeric_classes(image_folder, tmp_path):
     from data_pipelines.image_inputs import read_list_file
 
@@ -266,6 +330,9 @@ def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_f
     (tmp_path / "twice.tsv").write_text("x/a.jpg\tcat\nx_a.png\tdog\n")
     (tmp_path / "binary.tsv").write_bytes(b"\xff\xfe\x00a")
     (tmp_path / "no-bucket.tsv").write_text("s3://no-such-bucket-anywhere/a.jpg\tcat\n")  # fails in a Ray task
+    for place in range(3):  # a list in parts, its last part with a bad line 2; the pattern part-{0..3} names one more
+        good = f"{image_folder}/cat/img.{place}.png\tcat\n"
+        (tmp_path / f"part-{place}.tsv").write_text(good + ("cat.jpg cat\n" if place == 2 else ""))
     _upload_tree(os.path.join(image_folder, "cat"), f"{fresh_prefix}/flat", s3)  # images, no class folders
     import importlib.util
 
@@ -274,7 +341,7 @@ def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_f
     spec.loader.exec_module(cli)
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
-    for args, expected in [
+    for number, (args, expected) in enumerate([
         (["--input", str(tmp_path / "bad.tsv")], "bad.tsv: line 3: expected URL<TAB>label[,label...], got 'b.jpg cat'"),
         (["--input", str(tmp_path / "bad.csv")], "bad.csv: line 2: expected URL,label[,label...], got 'b.jpg'"),
         (["--input", str(tmp_path / "empty-label.tsv")], "line 1: an empty label in"),
@@ -286,21 +353,26 @@ def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_f
         (["--input", f"{fresh_prefix}/flat"], "no class folders under this prefix"),
         (["--input", f"{fresh_prefix}/flat", "--format", "cifar"], "--format cifar reads a local folder"),
         (["--input", str(tmp_path / "no-bucket.tsv"), "--ray"], "s3://no-such-bucket-anywhere/a.jpg: NoSuchBucket"),
-    ]:
+        (["--input", str(tmp_path / "part-{0..2}.tsv")], "part-2.tsv: line 2: expected URL<TAB>label[,label...]"),
+        (["--input", str(tmp_path / "part-{0,1,3}.tsv")], "part-3.tsv"),
+    ]):
+        output = tmp_path / f"o{number}"
         if "--ray" in args:  # a process of its own: its Ray, and the task's error back through it
-            out = make_shards_cli(*args, "--output", str(tmp_path / "o"), env=s3_server.environment())
+            out = make_shards_cli(*args, "--output", str(output), env=s3_server.environment())
             status, stderr = out.returncode, out.stderr
         else:
             try:
-                status = cli.main([*args, "--output", str(tmp_path / "o")])
+                status = cli.main([*args, "--output", str(output)])
             except SystemExit as error:  # argparse's usage errors
                 status = error.code
             stderr = capsys.readouterr().err
         assert status == 2, (args, stderr)
         assert expected in stderr and "Traceback" not in stderr, (expected, stderr)
+        if "--ray" not in args:  # (that one fails in the task reading the image)
+            assert not os.path.exists(output), args  # caught before anything is written
         assert len([line for line in stderr.splitlines() if line.startswith(("make_shards.py", "usage"))]) == 1
         assert s3_server.secret_access_key not in stderr
-    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+    assert not any((tmp_path / f"o{n}" / "manifest.json").exists() for n in range(number + 1))
 
 
 def test_a_conversion_killed_half_way_keeps_its_shards_and_the_run_after_it_writes_the_rest(
