@@ -431,13 +431,13 @@ class ConversionPlan:
 
 
 def plan_conversion(input_url: str, samples_per_shard: int, resize_shorter: int | None = None, seed: int = 0,
-                    factory: S3ClientFactory | None = None, ray: bool = False,
-                    workers: int | None = None) -> ConversionPlan:
+                    factory: S3ClientFactory | None = None, ray: bool = False, workers: int | None = None,
+                    progress: bool = False) -> ConversionPlan:
     """The input listed (and a list in parts checked and counted, every part, as Ray tasks
     with `ray`) and cut into shards; nothing is written."""
     parts = list_parts(input_url) if is_list_file(input_url) else [input_url]
     if len(parts) > 1:
-        return _plan_parts(parts, samples_per_shard, resize_shorter, seed, factory, ray, workers)
+        return _plan_parts(parts, samples_per_shard, resize_shorter, seed, factory, ray, workers, progress)
     try:
         images, class_names, label_kind = find_inputs(parts[0], factory)
     except InputError as error:
@@ -447,7 +447,7 @@ def plan_conversion(input_url: str, samples_per_shard: int, resize_shorter: int 
 
 
 def _plan_parts(parts: list[str], samples_per_shard: int, resize_shorter: int | None, seed: int,
-                factory: S3ClientFactory | None, ray: bool, workers: int | None) -> ConversionPlan:
+                factory: S3ClientFactory | None, ray: bool, workers: int | None, progress: bool) -> ConversionPlan:
     """A list in parts: every part read, checked and counted first (Ray tasks with `ray`, else
     here, one after another), its classes merged as it comes; then every part planned on its
     own (its images sorted and shuffled with the seed and the part's place), its shards
@@ -462,15 +462,19 @@ def _plan_parts(parts: list[str], samples_per_shard: int, resize_shorter: int | 
         images_in[place] = summary.images
         names.update(summary.class_names)
         single = single and summary.single
+        bar.update()
 
-    try:
-        if ray:
-            _map_on_ray(summarise_list, parts, factory, workers=workers, done=counted)
-        else:
-            for place, url in enumerate(parts):
-                counted(place, summarise_list(url, factory))
-    except InputError as error:
-        raise ShardWriteError(str(error)) from None
+    from tqdm import tqdm
+
+    with tqdm(total=len(parts), unit="part", desc="list parts counted", disable=not progress) as bar:
+        try:
+            if ray:
+                _map_on_ray(summarise_list, parts, factory, workers=workers, done=counted)
+            else:
+                for place, url in enumerate(parts):
+                    counted(place, summarise_list(url, factory))
+        except InputError as error:
+            raise ShardWriteError(str(error)) from None
     class_names = sorted_classes(names)
     counts = [-(-n // samples_per_shard) for n in images_in]
 
@@ -531,7 +535,7 @@ def make_shards(
     and that verify are kept, so an interrupted conversion resumes."""
     if samples_per_shard < 1:
         raise ShardWriteError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    plan = plan_conversion(input_url, samples_per_shard, resize_shorter, seed, factory, ray, workers)
+    plan = plan_conversion(input_url, samples_per_shard, resize_shorter, seed, factory, ray, workers, progress)
     check_writable(output, factory)  # before decoding anything
     run = _run_on_ray if ray else _run_here
     reports = run(plan.jobs, plan.total, output, factory, workers, progress)
