@@ -71,7 +71,10 @@ def client(s3_server):
     return s3_server.client_factory().client()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# Stages 1 and 3: stage 2 saves and loads through the same code as stage 1 (DeepSpeed's
+# stage_1_and_2.py, and ours: only stage 3 is told apart), and trains to a commit in
+# test_pretraining.py's test_loss_falls_with_two_workers[2].
+@pytest.mark.parametrize("stage", [1, 3])
 def test_save_then_resume_gives_identical_state(s3_server, run_url, tmp_path, stage):
     dumps = tmp_path / "dumps"
     run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,

@@ -46,7 +46,10 @@ def files_under(folder):
     return [os.path.join(root, f) for root, _, files in os.walk(folder) for f in files]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# Stages 1 and 3: stage 2 saves and loads through the same code as stage 1 (DeepSpeed's
+# stage_1_and_2.py, and ours: only stage 3 is told apart), and trains to a commit in
+# test_pretraining.py's test_loss_falls_with_two_workers[2].
+@pytest.mark.parametrize("stage", [1, 3])
 def test_two_ranks_resume_on_one(s3_server, run_url, tmp_path, stage):
     dumps = tmp_path / "dumps"
     run_ranks(s3_server, 2, "--url", run_url, "--staging", tmp_path / "a", "--dumps", dumps,
