@@ -217,16 +217,16 @@ def remaining_ranges(manifest: Manifest, order: list[int], consumed: dict[str, l
         pieces = _unconsumed(ends, np.repeat(np.array(named, dtype=np.int64), per_shard), pairs[0::2], pairs[1::2])
         if pieces is None:
             return _remaining_ranges_loop(manifest, order, consumed)
+        gaps = np.bincount(pieces[0], minlength=len(shards))  # what is left of each consumed shard
         counts[named] = 0
-        counts += np.bincount(pieces[0], minlength=len(shards))
+        counts += gaps
     order_array = np.asarray(order, dtype=np.int64)
     per_position = counts[order_array]
     shard = np.repeat(order_array, per_position)
     start, end = np.zeros(len(shard), dtype=np.int64), ends[shard]
     if pieces is not None and len(pieces[0]):
         # The consumed shards' rows take their gaps, in order, from where that shard's begin.
-        first_piece = np.cumsum(np.bincount(pieces[0], minlength=len(shards))) - np.bincount(
-            pieces[0], minlength=len(shards))
+        first_piece = np.cumsum(gaps) - gaps
         is_named = np.zeros(len(shards), dtype=bool)
         is_named[named] = True
         rows = np.flatnonzero(is_named[shard])
