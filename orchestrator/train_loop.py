@@ -557,14 +557,14 @@ class _Worker:
 
     def _inject_failure(self) -> None:
         """Tests' faults (worker_config's fail_at_step): {"step": n, "how": "raise"|"kill"}
-        fails this worker once it reaches step n: "raise" every time (a trial that keeps
-        failing), "kill" SIGKILLs its own process on the first attempt only (a worker lost once:
-        the attempt after it starts from a checkpoint at or past n, or, without one, finds the
-        marker the first left beside the trial). {"step": n, "how": "revoke", "environment":
-        {...}}: from step n this process's S3 clients take their credentials from that
-        environment instead (credentials revoked mid-run: the server itself then refuses)."""
+        fails rank 0 (or the fault's "rank") once it reaches step n: "raise" every time (a trial
+        that keeps failing), "kill" SIGKILLs its own process on the first attempt only (a worker
+        lost once: the attempt after it starts from a checkpoint at or past n, or, without one,
+        finds the marker the first left beside the trial). {"step": n, "how": "revoke",
+        "environment": {...}}: from step n this process's S3 clients take their credentials from
+        that environment instead (credentials revoked mid-run: the server itself then refuses)."""
         fault = self.fail_at_step
-        if not fault or self.step != fault["step"] or self.rank != 0 or fault["how"] == "corrupt":
+        if not fault or self.step != fault["step"] or self.rank != fault.get("rank", 0) or fault["how"] == "corrupt":
             return
         if fault["how"] == "revoke":
             self.checkpoints.wait()  # an earlier step's commit in flight goes through first: the next save is the refused one
