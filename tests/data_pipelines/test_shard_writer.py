@@ -330,7 +330,7 @@ def test_bad_inputs_of_a_conversion_are_one_line_with_status_2(tmp_path, image_f
     (tmp_path / "twice.tsv").write_text("x/a.jpg\tcat\nx_a.png\tdog\n")
     (tmp_path / "binary.tsv").write_bytes(b"\xff\xfe\x00a")
     (tmp_path / "no-bucket.tsv").write_text("s3://no-such-bucket-anywhere/a.jpg\tcat\n")  # fails in a Ray task
-    for place in range(3):  # a list in parts, its last part with a bad line 2; the pattern part-{0..3} names one more
+    for place in range(3):  # a list in parts, its last part with a bad line 2; part-{0,1,3} names one not there
         good = f"{image_folder}/cat/img.{place}.png\tcat\n"
         (tmp_path / f"part-{place}.tsv").write_text(good + ("cat.jpg cat\n" if place == 2 else ""))
     _upload_tree(os.path.join(image_folder, "cat"), f"{fresh_prefix}/flat", s3)  # images, no class folders
