@@ -207,7 +207,7 @@ def main() -> None:
     small_consumed = merge_loader_states(mid_epoch_states(small, 128, WORKERS))["consumed"]
 
     at_1x, at_2x, merges, before, after = [], [], [], [], []
-    for _ in range(4 * args.rounds + 1):  # a plan takes ~0.1 s: 5 medians swung 1.8-2.4 here, 21 hold 2.0-2.1
+    for _ in range(4 * args.rounds + 1):  # a plan takes ~0.05 s: 5 medians swung 1.8-2.4 here, 21 hold 1.9-2.2
         at_1x.append(plan_seconds(jft, jft_consumed, RANKS * WORKERS))
         at_2x.append(plan_seconds(double, double_consumed, 2 * RANKS * WORKERS))
     for _ in range(args.rounds):

@@ -193,7 +193,10 @@ def _parse_list(url: str, factory: S3ClientFactory | None) -> list[tuple[str, st
 
 def summarise_list(url: str, factory: S3ClientFactory | None = None) -> ListSummary:
     """A part of a list checked line by line and counted, its images not kept."""
-    entries = _parse_list(url, factory)
+    return _summary(url, _parse_list(url, factory))
+
+
+def _summary(url: str, entries: list[tuple[str, str, list[str]]]) -> ListSummary:
     return ListSummary(url, len(entries), frozenset(name for *_, names in entries for name in names),
                        all(len(names) == 1 for *_, names in entries))
 
@@ -208,9 +211,10 @@ def list_images(url: str, class_names: list[str], single: bool,
 def read_list_file(url: str, factory: S3ClientFactory | None = None) -> tuple[list[InputImage], list[str], str]:
     """A .tsv or .csv list of images and their labels (the module's docstring), in one pass."""
     entries = _parse_list(url, factory)
-    single = all(len(names) == 1 for *_, names in entries)
-    class_names = sorted_classes(name for *_, names in entries for name in names)
-    return _labelled(entries, class_names, single), class_names, "class" if single else "multi_label"
+    summary = _summary(url, entries)
+    class_names = sorted_classes(summary.class_names)
+    return (_labelled(entries, class_names, summary.single), class_names,
+            "class" if summary.single else "multi_label")
 
 
 def _labelled(entries, class_names: list[str], single: bool) -> list[InputImage]:
